@@ -1,0 +1,1 @@
+//! FUSE restore tree. Built in a later issue (file-level restore).

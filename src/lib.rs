@@ -1,0 +1,1 @@
+//! chainvault: backup repository daemon for virtual machine disks.
