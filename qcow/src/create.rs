@@ -164,7 +164,14 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         extensions,
         backing_file: opts.backing.as_ref().map(|b| b.name.clone()),
     };
-    let header_bytes = h.to_cluster().map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?;
+    // The feature name table is informational; small clusters may not have room for it.
+    let header_bytes = match h.to_cluster() {
+        Ok(b) => b,
+        Err(_) => {
+            h.extensions.retain(|e| !matches!(e, Extension::FeatureTable(_)));
+            h.to_cluster().map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?
+        }
+    };
 
     let mut rt = vec![0u8; (rt_clusters * cs) as usize];
     for i in 0..rb_count {

@@ -82,6 +82,8 @@ pub mod ext {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CompressionType {
+    /// Raw deflate, which QEMU calls zlib.
+    #[serde(rename = "zlib")]
     Deflate,
     Zstd,
 }

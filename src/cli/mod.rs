@@ -1,0 +1,45 @@
+//! Command-line interface (clap).
+
+pub mod image;
+
+use clap::{Parser, Subcommand};
+
+/// chainvault: a backup repository for virtual machine disks.
+#[derive(Debug, Parser)]
+#[command(name = "chainvault", version, about, propagate_version = true)]
+pub struct Cli {
+    /// More log output (-v info, -vv debug). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, inspect, check and convert QCOW2 images.
+    #[command(subcommand)]
+    Image(image::ImageCmd),
+}
+
+/// Set up logging to stderr.
+pub fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Run a parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Image(cmd) => image::run(cmd),
+    }
+}
