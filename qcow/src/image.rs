@@ -136,6 +136,12 @@ struct RefBlock {
 
 struct Allocator {
     rt: Vec<u64>,
+    /// Where the refcount table lives (it moves when it grows).
+    rt_offset: u64,
+    rt_clusters: u64,
+    /// Set when the table moved since the last flush: the on-disk table the
+    /// header still points to (offset, clusters).
+    rt_moved: Option<(u64, u64)>,
     rt_dirty: BTreeSet<usize>,
     blocks: HashMap<u64, RefBlock>,
     dirty_blocks: BTreeSet<u64>,
@@ -300,6 +306,9 @@ impl Image {
             cache_cap,
             alloc: Mutex::new(Allocator {
                 rt,
+                rt_offset: header.refcount_table_offset,
+                rt_clusters: header.refcount_table_clusters as u64,
+                rt_moved: None,
                 rt_dirty: BTreeSet::new(),
                 blocks: HashMap::new(),
                 dirty_blocks: BTreeSet::new(),
@@ -768,7 +777,7 @@ impl Image {
     /// Returns true when a block was created (the caller re-plans, `next` moved).
     fn ensure_block(&self, a: &mut Allocator, r: u64) -> Result<bool> {
         if r as usize >= a.rt.len() {
-            return Err(self.table_full());
+            self.grow_table(a, r)?;
         }
         if a.rt[r as usize] != 0 {
             self.load_block(a, r)?;
@@ -805,13 +814,45 @@ impl Image {
         Ok(true)
     }
 
+    /// Grow the refcount table so that it has entry `r`. The new table is written
+    /// whole at the next flush, then the header is switched to it, then the old
+    /// table's clusters are freed.
+    fn grow_table(&self, a: &mut Allocator, r: u64) -> Result<()> {
+        let cs = self.geo.cluster_size;
+        let per = cs / 8;
+        let want = (r + 1).max(a.rt.len() as u64 * 2).div_ceil(per) * per;
+        let clusters = want / per;
+        if clusters * cs > header::MAX_REFTABLE_BYTES {
+            return Err(self.table_full());
+        }
+        a.rt.resize(want as usize, 0);
+        let start = self.alloc_run_locked(a, clusters)?;
+        match a.rt_moved {
+            None => a.rt_moved = Some((a.rt_offset, a.rt_clusters)),
+            Some(_) => {
+                // An intermediate table never reached the header: just free it.
+                let first = a.rt_offset >> self.geo.cluster_bits;
+                let n = a.rt_clusters;
+                a.pending_free.extend(first..first + n);
+            }
+        }
+        a.rt_offset = start << self.geo.cluster_bits;
+        a.rt_clusters = clusters;
+        tracing::debug!(path = %self.path.display(), clusters, "refcount table grown");
+        Ok(())
+    }
+
     /// Allocate `n` contiguous host clusters with refcount 1. Returns the first.
     fn alloc_run(&self, n: u64) -> Result<u64> {
         let mut a = lock(&self.alloc);
+        self.alloc_run_locked(&mut a, n)
+    }
+
+    fn alloc_run_locked(&self, a: &mut Allocator, n: u64) -> Result<u64> {
         if n == 1 {
             while let Some(c) = a.free.pop_first() {
-                if self.refcount(&mut a, c)? == 0 {
-                    self.set_rc(&mut a, c, 1)?;
+                if self.refcount(a, c)? == 0 {
+                    self.set_rc(a, c, 1)?;
                     return Ok(c);
                 }
             }
@@ -820,18 +861,18 @@ impl Image {
         'outer: loop {
             let start = a.next;
             for r in start / rbe..=(start + n - 1) / rbe {
-                if self.ensure_block(&mut a, r)? {
+                if self.ensure_block(a, r)? {
                     continue 'outer;
                 }
             }
             for c in start..start + n {
-                if self.refcount(&mut a, c)? != 0 {
+                if self.refcount(a, c)? != 0 {
                     a.next = c + 1;
                     continue 'outer;
                 }
             }
             for c in start..start + n {
-                self.set_rc(&mut a, c, 1)?;
+                self.set_rc(a, c, 1)?;
             }
             a.next = start + n;
             self.end.fetch_max((start + n) << self.geo.cluster_bits, Ordering::AcqRel);
@@ -1419,13 +1460,14 @@ impl Image {
                 st.dirty = false;
             }
         }
-        let (rbw, rtw) = self.snapshot_refcounts();
+        let rw = self.snapshot_refcounts();
+        let mut frees = frees;
 
         // 1. guest data
         self.sync("flush data")?;
-        // 2. refcount increases
-        if !rbw.is_empty() || !rtw.is_empty() {
-            self.write_refcounts(&rbw, &rtw)?;
+        // 2. refcount increases (and a moved refcount table)
+        if !rw.blocks.is_empty() || !rw.entries.is_empty() || rw.moved.is_some() {
+            frees.extend(self.write_refcounts(&rw)?);
             self.sync("flush refcounts")?;
         }
         // 3. L2 tables
@@ -1460,15 +1502,18 @@ impl Image {
                     }
                 }
             }
-            let (rbw, rtw) = self.snapshot_refcounts();
-            self.write_refcounts(&rbw, &rtw)?;
+            let rw = self.snapshot_refcounts();
+            let old_table = self.write_refcounts(&rw)?;
             self.sync("flush refcounts")?;
-            lock(&self.alloc).free.extend(freed);
+            let mut a = lock(&self.alloc);
+            a.free.extend(freed);
+            // A table that moved during this flush is freed by the next one.
+            a.pending_free.extend(old_table);
         }
         Ok(())
     }
 
-    fn snapshot_refcounts(&self) -> (Vec<(u64, Vec<u8>)>, Vec<(usize, u64)>) {
+    fn snapshot_refcounts(&self) -> RefcountWrites {
         let mut a = lock(&self.alloc);
         let dirty = std::mem::take(&mut a.dirty_blocks);
         let rbw = dirty
@@ -1480,21 +1525,58 @@ impl Image {
             .collect();
         let rtd = std::mem::take(&mut a.rt_dirty);
         let rtw = rtd.into_iter().map(|i| (i, a.rt[i])).collect();
-        (rbw, rtw)
+        let moved = a.rt_moved.take().map(|old| {
+            let mut table = Vec::with_capacity(a.rt.len() * 8);
+            for e in &a.rt {
+                table.extend_from_slice(&e.to_be_bytes());
+            }
+            TableMove {
+                new_offset: a.rt_offset,
+                new_clusters: a.rt_clusters,
+                table,
+                old_offset: old.0,
+                old_clusters: old.1,
+            }
+        });
+        RefcountWrites {
+            blocks: rbw,
+            entries: rtw,
+            table_offset: a.rt_offset,
+            moved,
+        }
     }
 
-    fn write_refcounts(&self, rbw: &[(u64, Vec<u8>)], rtw: &[(usize, u64)]) -> Result<()> {
-        for (off, data) in rbw {
+    /// Write refcount blocks, then the table entries pointing at new ones (or the
+    /// whole new table and the header switch when the table moved). Returns the
+    /// clusters of a replaced table, to be freed.
+    fn write_refcounts(&self, w: &RefcountWrites) -> Result<Vec<u64>> {
+        for (off, data) in &w.blocks {
             self.pwrite(data, *off, "write refcount block")?;
         }
-        if !rtw.is_empty() {
-            // New refcount blocks must be durable before the table points at them.
-            self.sync("flush refcount blocks")?;
-            for (i, v) in rtw {
-                self.pwrite(&v.to_be_bytes(), self.header.refcount_table_offset + *i as u64 * 8, "write refcount table")?;
+        if w.entries.is_empty() && w.moved.is_none() {
+            return Ok(Vec::new());
+        }
+        // New refcount blocks must be durable before a table points at them.
+        self.sync("flush refcount blocks")?;
+        match &w.moved {
+            Some(m) => {
+                self.pwrite(&m.table, m.new_offset, "write refcount table")?;
+                self.sync("flush refcount table")?;
+                let mut hdr = [0u8; 12];
+                hdr[..8].copy_from_slice(&m.new_offset.to_be_bytes());
+                hdr[8..].copy_from_slice(&(m.new_clusters as u32).to_be_bytes());
+                self.pwrite(&hdr, 48, "switch header to the new refcount table")?;
+                self.sync("flush header")?;
+                let first = m.old_offset >> self.geo.cluster_bits;
+                Ok((first..first + m.old_clusters).collect())
+            }
+            None => {
+                for (i, v) in &w.entries {
+                    self.pwrite(&v.to_be_bytes(), w.table_offset + *i as u64 * 8, "write refcount table")?;
+                }
+                Ok(Vec::new())
             }
         }
-        Ok(())
     }
 
     fn sync(&self, what: &'static str) -> Result<()> {
@@ -1510,6 +1592,21 @@ impl Drop for Image {
             }
         }
     }
+}
+
+struct TableMove {
+    new_offset: u64,
+    new_clusters: u64,
+    table: Vec<u8>,
+    old_offset: u64,
+    old_clusters: u64,
+}
+
+struct RefcountWrites {
+    blocks: Vec<(u64, Vec<u8>)>,
+    entries: Vec<(usize, u64)>,
+    table_offset: u64,
+    moved: Option<TableMove>,
 }
 
 /// Append an extent, merging with the previous one when they continue each other.
