@@ -17,6 +17,8 @@ pub mod check;
 mod compress;
 pub mod create;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod header;
 pub mod image;
 pub mod meta;

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context};
 use chainvault_qcow::chain::{probe_format, Format};
+use chainvault_qcow::check::{check, CheckOptions};
 use chainvault_qcow::create::create;
 use chainvault_qcow::{BackingFormat, BackingSpec, Chain, ChainOptions, CreateOptions, Extent, ExtentKind, Layer};
 use clap::{Args, Subcommand, ValueEnum};
@@ -293,15 +294,8 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-struct CheckStub { problems: Vec<P>, leaks_fixed: u64 }
-struct P{message:String}
-impl CheckStub { fn summary(&self)->String{String::new()} fn exit_code(&self)->i32{0} }
-impl serde::Serialize for CheckStub { fn serialize<S: serde::Serializer>(&self, s: S)->Result<S::Ok,S::Error>{ s.serialize_unit() } }
 fn cmd_check(a: CheckArgs) -> anyhow::Result<u8> {
-    let _ = (&a.file, a.repair, a.json);
-    bail!("TEMP: check not wired yet");
-    #[allow(unreachable_code)]
-    let report: CheckStub = todo!();
+    let report = check(&a.file, &CheckOptions { repair_leaks: a.repair })?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
