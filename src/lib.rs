@@ -5,4 +5,5 @@
 //! engine and the HTTP API.
 
 pub mod cli;
+pub mod export;
 pub mod units;

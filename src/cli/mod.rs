@@ -1,5 +1,6 @@
 //! Command-line interface (clap).
 
+pub mod export;
 pub mod image;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,8 @@ pub enum Command {
     /// Create, inspect, check and convert QCOW2 images.
     #[command(subcommand)]
     Image(image::ImageCmd),
+    /// Serve one image (or chain) over NBD, like qemu-nbd.
+    Export(export::ExportArgs),
 }
 
 /// Set up logging to stderr.
@@ -41,5 +44,6 @@ pub fn init_tracing(verbose: u8) {
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
+        Command::Export(a) => export::run(a),
     }
 }

@@ -1,0 +1,175 @@
+//! qcow2 images and chains served over NBD: the `BlockExport` implementation
+//! that joins `chainvault-qcow` to `chainvault-nbd` (which know nothing of
+//! each other).
+
+use std::io;
+use std::sync::Arc;
+
+use chainvault_nbd::proto::{STATE_HOLE, STATE_ZERO};
+use chainvault_nbd::{BlockExport, BlockSizes, Capabilities, Extent as NbdExtent, MetaContext, ZeroFlags};
+use chainvault_qcow::{Chain, ExtentKind, Image};
+
+/// Most extents one block-status answer carries (the client asks again for more).
+const MAX_EXTENTS: usize = 16 * 1024;
+/// Block status never looks further than this in one call.
+const MAX_STATUS_SPAN: u64 = 4 << 30;
+
+fn io_err(e: chainvault_qcow::Error) -> io::Error {
+    let errno = e.errno();
+    tracing::warn!(error = %e, "export I/O failed");
+    io::Error::from_raw_os_error(errno)
+}
+
+/// A qcow2 chain served over NBD: writable (the top image takes the writes)
+/// or read-only (a point in time).
+pub struct QcowExport {
+    chain: Arc<Chain>,
+    image: Option<Arc<Image>>,
+    description: String,
+}
+
+impl QcowExport {
+    /// Serve `chain`. Writes go to its top image if that was opened writable.
+    pub fn new(chain: Arc<Chain>, description: impl Into<String>) -> QcowExport {
+        let image = chain.top_image().filter(|i| i.is_writable()).cloned();
+        QcowExport {
+            chain,
+            image,
+            description: description.into(),
+        }
+    }
+
+    pub fn chain(&self) -> &Arc<Chain> {
+        &self.chain
+    }
+
+    fn image(&self) -> io::Result<&Arc<Image>> {
+        self.image.as_ref().ok_or_else(|| io::Error::from_raw_os_error(libc::EROFS))
+    }
+
+    /// Granularity below which zeroing is not metadata-only.
+    fn zero_granularity(&self) -> u64 {
+        match &self.image {
+            Some(i) => i.geometry().subcluster_size,
+            None => 512,
+        }
+    }
+}
+
+impl BlockExport for QcowExport {
+    fn size(&self) -> u64 {
+        self.chain.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.image.is_none()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let w = self.image.is_some();
+        Capabilities {
+            flush: true,
+            fua: w,
+            trim: w,
+            write_zeroes: w,
+            fast_zero: w,
+            cache: false,
+            // One Image shared by every connection: a flush covers them all.
+            multi_conn: true,
+            base_allocation: true,
+            allocation_depth: true,
+        }
+    }
+
+    fn block_sizes(&self) -> BlockSizes {
+        let preferred = match self.chain.top_image() {
+            Some(i) => i.geometry().cluster_size.clamp(4096, 2 << 20) as u32,
+            None => 4096,
+        };
+        BlockSizes {
+            minimum: 1,
+            preferred,
+            maximum: 32 << 20,
+        }
+    }
+
+    fn description(&self) -> String {
+        self.description.clone()
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.chain.read_at(buf, offset).map_err(io_err)
+    }
+
+    fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+        let img = self.image()?;
+        img.write_at(buf, offset).map_err(io_err)?;
+        if fua {
+            img.flush().map_err(io_err)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        let img = self.image()?;
+        if flags.fast {
+            // Fast only when it is metadata alone: aligned to what the image can mark zero.
+            let g = self.zero_granularity();
+            if offset % g != 0 || (offset + len) % g != 0 && offset + len != self.size() {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+        }
+        img.write_zeroes(offset, len, flags.may_unmap).map_err(io_err)?;
+        if flags.fua {
+            img.flush().map_err(io_err)?;
+        }
+        Ok(())
+    }
+
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        let img = self.image()?;
+        img.discard(offset, len).map_err(io_err)?;
+        if fua {
+            img.flush().map_err(io_err)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        match &self.image {
+            Some(i) => i.flush().map_err(io_err),
+            None => Ok(()),
+        }
+    }
+
+    fn block_status(&self, offset: u64, len: u64, ctx: MetaContext) -> io::Result<Vec<NbdExtent>> {
+        let len = len.min(MAX_STATUS_SPAN);
+        let extents = self.chain.block_status(offset, len).map_err(io_err)?;
+        let mut out: Vec<NbdExtent> = Vec::new();
+        for e in extents {
+            let flags = match ctx {
+                MetaContext::BaseAllocation => match e.kind {
+                    ExtentKind::Data => 0,
+                    ExtentKind::Zero | ExtentKind::Unallocated => STATE_HOLE | STATE_ZERO,
+                },
+                MetaContext::AllocationDepth => match e.kind {
+                    ExtentKind::Unallocated => 0,
+                    _ => e.depth + 1,
+                },
+            };
+            match out.last_mut() {
+                Some(l) if l.flags == flags => l.length += e.length,
+                _ => {
+                    if out.len() == MAX_EXTENTS {
+                        break;
+                    }
+                    out.push(NbdExtent { length: e.length, flags })
+                }
+            }
+        }
+        if out.is_empty() {
+            out.push(NbdExtent { length: len, flags: 0 });
+        }
+        Ok(out)
+    }
+}
