@@ -5,5 +5,7 @@
 //! engine and the HTTP API.
 
 pub mod cli;
+pub mod engine;
 pub mod export;
+pub mod model;
 pub mod units;

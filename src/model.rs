@@ -1,0 +1,271 @@
+//! The data model shared by the catalog, the engine, the HTTP API and the CLI.
+//! Field names and shapes follow the control API that transfer clients
+//! already speak (see docs/api.md).
+
+use serde::{Deserialize, Serialize};
+
+/// Full or incremental, as asked for or as given to a disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupType {
+    Full,
+    Incremental,
+}
+
+/// Status of a VM-level backup or of one disk backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Data is being written.
+    Running,
+    /// Durable, checked, change_id recorded.
+    Completed,
+    /// Failed through the API, by timeout, or by an error; its images were removed.
+    Failed,
+    /// The daemon stopped (or crashed) while it ran; its images were removed.
+    Interrupted,
+}
+
+impl Status {
+    pub fn parse(s: &str) -> Option<Status> {
+        match s {
+            "running" => Some(Status::Running),
+            "completed" => Some(Status::Completed),
+            "failed" => Some(Status::Failed),
+            "interrupted" => Some(Status::Interrupted),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// A disk as the start request describes it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskSpec {
+    pub disk_id: u32,
+    #[serde(default)]
+    pub disk_key: Option<String>,
+    #[serde(default)]
+    pub capacity_bytes: Option<u64>,
+    /// Per-disk override: "full" after a CBT reset of this disk alone.
+    #[serde(default)]
+    pub mode: Option<BackupType>,
+    /// With a full of a disk that has a previous point: keep the new point as an
+    /// overlay of the previous one storing only clusters that differ from it.
+    #[serde(default)]
+    pub compare_with_parent: bool,
+}
+
+/// `POST /api/v1/backups`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartRequest {
+    pub vm_name: String,
+    pub backup_type: BackupType,
+    #[serde(default)]
+    pub repository_id: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Required the first time a VM is seen; a known VM may omit it.
+    #[serde(default)]
+    pub disks: Option<Vec<DiskSpec>>,
+}
+
+/// One disk's NBD target in the start response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskTarget {
+    pub disk_id: u32,
+    pub disk_key: Option<String>,
+    pub capacity_bytes: u64,
+    /// What this disk gets.
+    pub mode: BackupType,
+    /// Why `mode` differs from what was asked, when it does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub export_name: String,
+    pub nbd_uri: String,
+    /// The change_id to read changed blocks since; "" for a full.
+    pub previous_change_id: String,
+    pub parent_backup_id: Option<String>,
+    pub compare_with_parent: bool,
+}
+
+/// Response to a start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartResponse {
+    pub backup_id: String,
+    pub vm_name: String,
+    pub backup_type: BackupType,
+    pub status: Status,
+    pub created_at: String,
+    pub disks: Vec<DiskTarget>,
+}
+
+/// `POST /api/v1/backups/{id}/complete`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct CompleteRequest {
+    #[serde(default)]
+    pub change_id: Option<String>,
+    #[serde(default)]
+    pub disk_id: Option<u32>,
+    #[serde(default)]
+    pub bytes_transferred: Option<u64>,
+}
+
+/// Response to a completion.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CompleteResponse {
+    pub status: String,
+    pub backup_id: String,
+    pub disk_id: u32,
+    pub change_id: String,
+    pub message: String,
+    pub timestamp: String,
+    /// Status of the whole backup after this completion.
+    pub backup_status: Status,
+}
+
+/// `GET /api/v1/backups/changeid`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChangeIdResponse {
+    pub vm_name: String,
+    pub disk_id: u32,
+    pub change_id: String,
+    pub backup_id: String,
+    pub message: String,
+}
+
+/// A VM and its disks, as the catalog knows them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub name: String,
+    pub disks: Vec<VmDisk>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmDisk {
+    pub disk_id: u32,
+    pub disk_key: Option<String>,
+    pub capacity_bytes: u64,
+}
+
+/// A VM-level backup job.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupRecord {
+    pub backup_id: String,
+    pub vm_name: String,
+    pub backup_type: BackupType,
+    pub status: Status,
+    pub repository_id: Option<String>,
+    pub tags: Vec<String>,
+    pub disk_ids: Vec<u32>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+}
+
+/// One disk's part of a backup: keyed by (backup_id, disk_id).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DiskBackupRecord {
+    pub backup_id: String,
+    pub disk_id: u32,
+    pub vm_name: String,
+    pub disk_key: Option<String>,
+    pub capacity_bytes: u64,
+    pub mode: BackupType,
+    pub reason: Option<String>,
+    /// The point this one is an overlay of.
+    pub parent_backup_id: Option<String>,
+    /// Identifies the chain (a full starts a new one).
+    pub chain_id: String,
+    /// Image path relative to the repository root.
+    pub image: String,
+    pub status: Status,
+    pub change_id: Option<String>,
+    pub bytes_transferred: Option<u64>,
+    pub size_on_disk: Option<u64>,
+    pub started_at: String,
+    pub completed_at: Option<String>,
+    pub error: Option<String>,
+}
+
+/// The head of the current chain of one disk: keyed by (vm_name, disk_id).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChainHead {
+    pub vm_name: String,
+    pub disk_id: u32,
+    pub chain_id: String,
+    pub head_backup_id: String,
+    pub head_change_id: String,
+}
+
+/// A backup with its disks, as the API returns it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupView {
+    #[serde(flatten)]
+    pub backup: BackupRecord,
+    pub disks: Vec<DiskBackupRecord>,
+}
+
+/// All points of one disk, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ChainView {
+    pub vm_name: String,
+    pub disk_id: u32,
+    pub head: Option<ChainHead>,
+    pub points: Vec<DiskBackupRecord>,
+}
+
+/// `POST /api/v1/restores`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreRequest {
+    pub backup_id: String,
+    pub disk_id: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreView {
+    pub restore_id: String,
+    pub backup_id: String,
+    pub disk_id: u32,
+    pub export_name: String,
+    pub nbd_uri: String,
+    pub size: u64,
+    pub created_at: String,
+}
+
+/// Numbers for `/metrics`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct Metrics {
+    pub backups_by_status: Vec<(String, u64)>,
+    pub bytes_received: u64,
+    pub active_exports: u64,
+    pub active_restores: u64,
+}
+
+/// What `chain verify` found.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct VerifyReport {
+    pub points_checked: u64,
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    pub fn is_clean(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// RFC 3339 UTC timestamp of now.
+pub fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
