@@ -47,10 +47,28 @@
 //! Nothing the file says can make this code panic.
 //!
 //! Leak repair ([`CheckOptions::repair_leaks`]) lowers the on-disk refcount of
-//! leaked clusters to the number of references found, nothing else. The image
-//! must not be open for writing by anyone else while it runs (chainvault only
-//! repairs images it is not serving; QEMU's image locks are probed and repair is
-//! refused when another process holds them).
+//! leaked clusters to the number of references found, nothing else: it
+//! rewrites only the bytes of those refcount entries, fsyncs, and checks again.
+//! The image must not be open for writing anywhere else while it runs:
+//! chainvault repairs only images it is not serving; repair refuses to start
+//! when another process holds QEMU's image locks or a `flock` on the file, but
+//! it cannot see every writer, so callers must guarantee this.
+//!
+//! Where this deliberately differs from `qemu-img check`:
+//!
+//! - Headers that [`Header::parse`] refuses give `Err` (treat it as exit 1).
+//!   QEMU's check would open a few of them: no refcount table
+//!   (`refcount_table_clusters == 0` or offset 0), an L1 table at offset 0,
+//!   external data files, encryption.
+//! - When QEMU aborts its check (exit 1) the report still carries what was
+//!   found up to that point.
+//! - Repair never touches corruptions (QEMU's `-r all` would rebuild
+//!   refcounts and rewrite COPIED flags). Leaks are repaired even when
+//!   corruptions are present, where `qemu-img check -r leaks` refuses to do
+//!   anything if a refcount is zero but referenced; nothing is repaired when
+//!   the check could not be completed, nor in a refcount block that is shared
+//!   with other metadata.
+//! - Bytes past the image end are not truncated (neither does QEMU for qcow2).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -90,6 +108,14 @@ const BME_TABLE_RESERVED_MASK: u64 = 0xff00_0000_0000_01fe;
 const BME_TABLE_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const BME_TABLE_ALL_ONES: u64 = 1;
 const REFT_RESERVED_MASK: u64 = 0x1ff;
+/// QEMU's block layer refuses (EIO) any request that ends past this offset.
+const QEMU_MAX_REQUEST_END: u64 = (i64::MAX as u64) & !((1u64 << 30) - 1);
+
+/// Whether QEMU's block layer accepts a read of `len` bytes at `off` (it fails
+/// the read with EIO otherwise, and then gives up on what it was reading).
+fn qemu_can_read(off: u64, len: u64) -> bool {
+    off <= QEMU_MAX_REQUEST_END && len <= QEMU_MAX_REQUEST_END && off <= QEMU_MAX_REQUEST_END - len
+}
 
 /// What [`check`] should do besides checking.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -310,7 +336,11 @@ struct ZeroTail {
 
 impl ZeroTail {
     fn byte(&self, off: u64) -> u8 {
-        usize::try_from(off).ok().and_then(|i| self.data.get(i)).copied().unwrap_or(0)
+        usize::try_from(off)
+            .ok()
+            .and_then(|i| self.data.get(i))
+            .copied()
+            .unwrap_or(0)
     }
     fn be(&self, off: u64, n: u64) -> u64 {
         (0..n).fold(0u64, |acc, i| (acc << 8) | self.byte(off.saturating_add(i)) as u64)
@@ -446,8 +476,12 @@ struct DiskRefcounts {
 /// Outcome of reading one on-disk refcount.
 enum DiskRc {
     Value(u64),
-    /// The refcount block offset is not cluster-aligned: unreadable.
-    Unaligned { rt_index: u64, offset: u64 },
+    /// The refcount block offset is not cluster-aligned, or lies where QEMU
+    /// cannot read: the refcount cannot be known.
+    Unreadable {
+        rt_index: u64,
+        offset: u64,
+    },
 }
 
 struct Checker<'p> {
@@ -477,7 +511,9 @@ impl<'p> Checker<'p> {
         let file_len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
         let first_len = file_len.min(1u64 << header::MAX_CLUSTER_BITS) as usize;
         let mut first = vec![0u8; first_len];
-        file.read_exact_at(&mut first, 0).map_err(|e| Error::io(path, "read header", e))?;
+        file.read_exact_at(&mut first, 0)
+            .map_err(|e| Error::io(path, "read header", e))?;
+        precheck_header(&first, path)?;
         let h = Header::parse(&first, path)?;
         let geo = Geometry::from_header(&h);
         let cb = h.cluster_bits;
@@ -605,8 +641,8 @@ impl<'p> Checker<'p> {
         if offset == 0 {
             return Ok(DiskRc::Value(0));
         }
-        if offset & (self.cs - 1) != 0 {
-            return Ok(DiskRc::Unaligned { rt_index, offset });
+        if offset & (self.cs - 1) != 0 || !qemu_can_read(offset, self.cs) {
+            return Ok(DiskRc::Unreadable { rt_index, offset });
         }
         let idx = k & (self.geo.rb_entries - 1);
         let order = self.h.refcount_order;
@@ -659,7 +695,10 @@ impl<'p> Checker<'p> {
             let k = c >> self.cb;
             if k >= self.imrt.len() {
                 return self.abort(|| {
-                    format!("{} at {offset:#x} ({size} bytes) cannot be counted: the offset is out of range", what())
+                    format!(
+                        "{} at {offset:#x} ({size} bytes) cannot be counted: the offset is out of range",
+                        what()
+                    )
                 });
             }
             if k >= self.nb {
@@ -773,18 +812,30 @@ impl<'p> Checker<'p> {
         Ok(())
     }
 
-    /// QEMU refuses to open an image whose L1 or refcount table would end past
-    /// 2^63 bytes.
+    /// Header values QEMU refuses when opening the image (so `qemu-img check`
+    /// fails), beyond what [`Header::parse`] rejects.
     fn validate_table_offsets(&mut self) -> Step {
+        let bfo = self.h.backing_file_offset;
+        if bfo > self.cs {
+            return self.abort(|| format!("the backing file name offset {bfo:#x} lies outside the first cluster"));
+        }
+        if self.h.incompatible_features & header::incompat::COMPRESSION_TYPE != 0
+            && self.h.compression_type == header::CompressionType::Deflate
+        {
+            return self.abort(|| {
+                "the compression-type incompatible bit is set, but the compression type is deflate (zlib), for which it must be clear".to_string()
+            });
+        }
         let max = i64::MAX as u64;
         let l1_bytes = self.h.l1_size as u64 * 8;
         let l1_off = self.h.l1_table_offset;
-        if max - l1_bytes < l1_off {
-            return self.abort(|| format!("the active L1 table offset {l1_off:#x} is invalid (it would end past 2^63)"));
+        if max - l1_bytes < l1_off || (l1_bytes > 0 && !qemu_can_read(l1_off, l1_bytes)) {
+            return self
+                .abort(|| format!("the active L1 table offset {l1_off:#x} is invalid (it would end past 2^63)"));
         }
         let rt_bytes = self.h.refcount_table_clusters as u64 * self.cs;
         let rt_off = self.h.refcount_table_offset;
-        if max - rt_bytes < rt_off {
+        if max - rt_bytes < rt_off || !qemu_can_read(rt_off, rt_bytes) {
             return self.abort(|| format!("the refcount table offset {rt_off:#x} is invalid (it would end past 2^63)"));
         }
         Ok(())
@@ -796,6 +847,9 @@ impl<'p> Checker<'p> {
         }
         let bytes = l1_size as u64 * 8;
         self.inc(l1_off, bytes, &|| format!("the {} L1 table", owner.describe()))?;
+        if !qemu_can_read(l1_off, bytes) {
+            return self.abort(|| format!("the {} L1 table at {l1_off:#x} cannot be read", owner.describe()));
+        }
         let table = self.read_avail(l1_off, bytes)?;
         let cs = self.cs;
         for i in 0..table.len() / 8 {
@@ -812,7 +866,9 @@ impl<'p> Checker<'p> {
                 });
             }
             let l2_off = e & meta::L1_OFFSET_MASK;
-            self.inc(l2_off, cs, &|| format!("the {} L2 table of L1 index {i}", owner.describe()))?;
+            self.inc(l2_off, cs, &|| {
+                format!("the {} L2 table of L1 index {i}", owner.describe())
+            })?;
             if l2_off & (cs - 1) != 0 {
                 self.corruption(|| {
                     format!(
@@ -867,7 +923,10 @@ impl<'p> Checker<'p> {
                 ClusterType::Compressed => {
                     if raw & meta::COPIED != 0 {
                         self.corruption(|| {
-                            format!("{}: compressed cluster has the COPIED flag set, which it must never have", where_(i))
+                            format!(
+                                "{}: compressed cluster has the COPIED flag set, which it must never have",
+                                where_(i)
+                            )
                         });
                     }
                     if bitmap != 0 {
@@ -903,7 +962,11 @@ impl<'p> Checker<'p> {
                         } else {
                             raw & meta::ZERO == 0
                         };
-                        let kind = if has_data { "data cluster" } else { "preallocated zero cluster" };
+                        let kind = if has_data {
+                            "data cluster"
+                        } else {
+                            "preallocated zero cluster"
+                        };
                         self.corruption(|| {
                             format!(
                                 "{}: {kind} offset {off:#x} is not aligned to the {cs}-byte cluster size; L2 entry corrupted",
@@ -983,6 +1046,9 @@ impl<'p> Checker<'p> {
             offset += id_size;
             let name = text(self, offset, name_size)?;
             offset += name_size;
+            if !qemu_can_read(entry_at, offset - entry_at) {
+                return self.abort(|| format!("snapshot table entry {i} at {entry_at:#x} cannot be read"));
+            }
             table_length += SNAPSHOT_HEADER_LEN + extra as u64 + id_size + name_size;
             if table_length > QEMU_MAX_SNAPSHOTS_SIZE || offset - base > i32::MAX as u64 {
                 return self.abort(|| {
@@ -1069,10 +1135,14 @@ impl<'p> Checker<'p> {
         let dir_size = ext.directory_size;
         let cs = self.cs;
         if dir_off & (cs - 1) != 0 {
-            return self.abort(|| format!("the bitmap directory offset {dir_off:#x} is not aligned to the {cs}-byte cluster size"));
+            return self.abort(|| {
+                format!("the bitmap directory offset {dir_off:#x} is not aligned to the {cs}-byte cluster size")
+            });
         }
         if dir_size > QEMU_MAX_BITMAP_DIRECTORY_SIZE {
-            return self.abort(|| format!("the bitmap directory is {dir_size} bytes, more than {QEMU_MAX_BITMAP_DIRECTORY_SIZE}"));
+            return self.abort(|| {
+                format!("the bitmap directory is {dir_size} bytes, more than {QEMU_MAX_BITMAP_DIRECTORY_SIZE}")
+            });
         }
         let list = match self.read_bitmap_directory(dir_off, dir_size, nb)? {
             Ok(list) => list,
@@ -1096,9 +1166,17 @@ impl<'p> Checker<'p> {
         Ok(Some((dir_off, dir_size, list)))
     }
 
-    fn read_bitmap_directory(&mut self, dir_off: u64, dir_size: u64, nb: u32) -> Result<std::result::Result<Vec<Bitmap>, String>> {
+    fn read_bitmap_directory(
+        &mut self,
+        dir_off: u64,
+        dir_size: u64,
+        nb: u32,
+    ) -> Result<std::result::Result<Vec<Bitmap>, String>> {
         if dir_size == 0 {
             return Ok(Err("its size is zero".to_string()));
+        }
+        if !qemu_can_read(dir_off, dir_size) {
+            return Ok(Err("it lies beyond the largest offset a file can have".to_string()));
         }
         let dir = ZeroTail {
             data: self.read_avail(dir_off, dir_size)?,
@@ -1134,10 +1212,9 @@ impl<'p> Checker<'p> {
             let name = String::from_utf8_lossy(&name_bytes).into_owned();
             let bad = table_size == 0
                 || table_offset == 0
-                || table_offset % cs != 0
+                || !table_offset.is_multiple_of(cs)
                 || table_size > BME_MAX_TABLE_SIZE
-                || gran > BME_MAX_GRANULARITY_BITS
-                || gran < BME_MIN_GRANULARITY_BITS
+                || !(BME_MIN_GRANULARITY_BITS..=BME_MAX_GRANULARITY_BITS).contains(&gran)
                 || flags & BME_RESERVED_FLAGS != 0
                 || name_size > 1023
                 || ty != BME_TYPE_DIRTY_TRACKING;
@@ -1146,7 +1223,9 @@ impl<'p> Checker<'p> {
             }
             let phys = table_size as u64 * cs;
             if phys > BME_MAX_PHYS_SIZE {
-                return Ok(Err(format!("bitmap {name:?} does not satisfy the constraints (table too large)")));
+                return Ok(Err(format!(
+                    "bitmap {name:?} does not satisfy the constraints (table too large)"
+                )));
             }
             if flags & BME_FLAG_IN_USE == 0 && disk_size > ((phys * 8) << gran) {
                 return Ok(Err(format!("bitmap {name:?} is too small for the disk")));
@@ -1161,19 +1240,30 @@ impl<'p> Checker<'p> {
             e += entry_len;
         }
         if count != nb {
-            return Ok(Err(format!("fewer bitmaps found than the {nb} in the header extension")));
+            return Ok(Err(format!(
+                "fewer bitmaps found than the {nb} in the header extension"
+            )));
         }
         Ok(Ok(list))
     }
 
     /// Check every entry of a bitmap table as QEMU does when loading it.
     fn load_bitmap_table(&mut self, bm: &Bitmap) -> Result<std::result::Result<(), String>> {
+        if !qemu_can_read(bm.table_offset, bm.table_size as u64 * 8) {
+            return Ok(Err(format!(
+                "its table at {:#x} lies beyond the largest offset a file can have",
+                bm.table_offset
+            )));
+        }
         let table = self.read_avail(bm.table_offset, bm.table_size as u64 * 8)?;
         let cs = self.cs;
         for i in 0..bm.table_size as usize {
             let e = be64_at(&table, i * 8);
             if let Err(why) = bitmap_entry_ok(e, cs) {
-                return Ok(Err(format!("table entry {i} at {:#x}: {why}", bm.table_offset + i as u64 * 8)));
+                return Ok(Err(format!(
+                    "table entry {i} at {:#x}: {why}",
+                    bm.table_offset + i as u64 * 8
+                )));
             }
         }
         let expected = expected_bitmap_table_size(self.h.size, bm.granularity_bits, cs);
@@ -1191,7 +1281,13 @@ impl<'p> Checker<'p> {
         let cs = self.cs;
         for bm in list {
             let name = bm.name.clone();
-            self.inc(bm.table_offset, bm.table_size as u64 * 8, &|| format!("the table of bitmap {name:?}"))?;
+            self.inc(bm.table_offset, bm.table_size as u64 * 8, &|| {
+                format!("the table of bitmap {name:?}")
+            })?;
+            if !qemu_can_read(bm.table_offset, bm.table_size as u64 * 8) {
+                self.corruption(|| format!("the table of bitmap {name:?} cannot be read"));
+                return self.abort(|| format!("the table of bitmap {name:?} cannot be loaded"));
+            }
             let table = self.read_avail(bm.table_offset, bm.table_size as u64 * 8)?;
             for i in 0..bm.table_size as usize {
                 let e = be64_at(&table, i * 8);
@@ -1258,13 +1354,18 @@ impl<'p> Checker<'p> {
         for k in 0..self.nb {
             let disk = match self.disk_refcount(k)? {
                 DiskRc::Value(v) => v,
-                DiskRc::Unaligned { rt_index, offset } => {
+                DiskRc::Unreadable { rt_index, offset } => {
                     self.report.check_errors += 1;
                     if last_bad_block != Some(rt_index) {
                         last_bad_block = Some(rt_index);
+                        let why = if offset & (cs - 1) != 0 {
+                            format!("is not aligned to the {cs}-byte cluster size")
+                        } else {
+                            "lies beyond the largest offset a file can have".to_string()
+                        };
                         self.note(Severity::Error, || {
                             format!(
-                                "check could not be completed: the refcounts of host cluster {:#x} and its neighbours cannot be read, because refcount block {rt_index} at {offset:#x} is not aligned to the {cs}-byte cluster size",
+                                "check could not be completed: the refcounts of host cluster {:#x} and the following clusters cannot be read, because refcount block {rt_index} at {offset:#x} {why}",
                                 k * cs
                             )
                         });
@@ -1320,7 +1421,7 @@ impl<'p> Checker<'p> {
             }
             let rc = match self.disk_refcount(l2_off >> cb) {
                 Ok(DiskRc::Value(v)) => v,
-                Ok(DiskRc::Unaligned { .. }) => continue,
+                Ok(DiskRc::Unreadable { .. }) => continue,
                 Err(e) => {
                     result = Err(e.into());
                     break;
@@ -1348,7 +1449,7 @@ impl<'p> Checker<'p> {
                 let data = raw & meta::L2_OFFSET_MASK;
                 let rc = match self.disk_refcount(data >> cb) {
                     Ok(DiskRc::Value(v)) => v,
-                    Ok(DiskRc::Unaligned { .. }) => continue,
+                    Ok(DiskRc::Unreadable { .. }) => continue,
                     Err(e) => {
                         result = Err(e.into());
                         break 'l1;
@@ -1442,6 +1543,25 @@ impl<'p> Checker<'p> {
     }
 }
 
+/// Refuse, before [`Header::parse`] sees them, header values QEMU refuses and
+/// whose arithmetic could overflow: a backing file name offset outside the
+/// first cluster.
+fn precheck_header(first: &[u8], path: &Path) -> Result<()> {
+    let cluster_bits = be32_at(first, 20);
+    let bfo = be64_at(first, 8);
+    if first.len() >= header::V2_HEADER_LEN
+        && (header::MIN_CLUSTER_BITS..=header::MAX_CLUSTER_BITS).contains(&cluster_bits)
+        && bfo > 1u64 << cluster_bits
+    {
+        return Err(Error::format(
+            path,
+            "backing_file_offset",
+            format!("{bfo:#x} lies outside the first cluster"),
+        ));
+    }
+    Ok(())
+}
+
 /// Byte range `[start, end)` of refcount entry `idx` in a block of the given order.
 fn entry_bytes(order: u32, idx: u64) -> (usize, usize) {
     let bits = 1u64 << order;
@@ -1460,7 +1580,7 @@ fn bitmap_entry_ok(e: u64, cs: u64) -> std::result::Result<(), &'static str> {
         if e & BME_TABLE_ALL_ONES != 0 {
             return Err("the all-ones flag is set together with an offset");
         }
-        if off % cs != 0 {
+        if !off.is_multiple_of(cs) {
             return Err("the data offset is not cluster-aligned");
         }
     }

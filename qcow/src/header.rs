@@ -423,6 +423,12 @@ impl Header {
                 ));
             }
             let start = f.backing_file_offset;
+            if start > cluster_size {
+                return Err(fail(
+                    "backing_file_offset",
+                    format!("{start:#x} is outside the first cluster"),
+                ));
+            }
             let end = start + f.backing_file_size as u64;
             if end > cluster_size || end as usize > buf.len() {
                 return Err(fail(
@@ -723,6 +729,15 @@ mod tests {
             let e = Header::parse(&bytes[..len], Path::new("t.qcow2")).unwrap_err().to_string();
             assert!(e.contains("t.qcow2") && e.contains("shorter"), "{len}: {e}");
         }
+    }
+
+    #[test]
+    fn hostile_backing_offset_does_not_overflow() {
+        let mut h = sample();
+        let mut bytes = h.to_cluster().unwrap();
+        bytes[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+        let e = Header::parse(&bytes, Path::new("x")).unwrap_err().to_string();
+        assert!(e.contains("backing_file_offset"), "{e}");
     }
 
     #[test]

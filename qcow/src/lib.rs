@@ -25,6 +25,7 @@ pub mod meta;
 pub mod raw;
 
 pub use chain::{Chain, ChainOptions, Layer};
+pub use check::{check, CheckOptions, CheckReport};
 pub use create::{BackingFormat, BackingSpec, CreateOptions};
 pub use error::{Error, Result};
 pub use image::{Extent, ExtentKind, Image, OpenOptions};
