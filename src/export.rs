@@ -3,6 +3,7 @@
 //! each other).
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chainvault_nbd::proto::{STATE_HOLE, STATE_ZERO};
@@ -26,6 +27,31 @@ pub struct QcowExport {
     chain: Arc<Chain>,
     image: Option<Arc<Image>>,
     description: String,
+    /// Store only what differs from the backing chain (a full read after a CBT
+    /// reset, kept as an overlay of the previous point).
+    compare: bool,
+    activity: Option<Arc<Activity>>,
+}
+
+/// Counters the engine watches: last request time and bytes written.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Milliseconds since the Unix epoch of the last request.
+    pub last_ms: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+impl Activity {
+    pub fn touch(&self) {
+        self.last_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl QcowExport {
@@ -36,7 +62,54 @@ impl QcowExport {
             chain,
             image,
             description: description.into(),
+            compare: false,
+            activity: None,
         }
+    }
+
+    /// Compare writes with what the chain below already holds, and store only
+    /// the (sub)clusters that differ.
+    pub fn compare_with_backing(mut self, on: bool) -> Self {
+        self.compare = on;
+        self
+    }
+
+    /// Record activity and bytes written in `a`.
+    pub fn with_activity(mut self, a: Arc<Activity>) -> Self {
+        self.activity = Some(a);
+        self
+    }
+
+    fn touch(&self) {
+        if let Some(a) = &self.activity {
+            a.touch();
+        }
+    }
+
+    /// Compare-mode write: skip the pieces equal to what is already there.
+    fn write_differences(&self, img: &Image, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let g = img.geometry().subcluster_size;
+        let mut old = vec![0u8; buf.len()];
+        self.chain.read_at(&mut old, offset).map_err(io_err)?;
+        let mut i = 0usize;
+        let mut run: Option<usize> = None;
+        while i < buf.len() {
+            let j = (i as u64 + g - (offset + i as u64) % g).min(buf.len() as u64) as usize;
+            let differs = buf[i..j] != old[i..j];
+            match (differs, run) {
+                (true, None) => run = Some(i),
+                (false, Some(s)) => {
+                    img.write_at(&buf[s..i], offset + s as u64).map_err(io_err)?;
+                    run = None;
+                }
+                _ => {}
+            }
+            i = j;
+        }
+        if let Some(s) = run {
+            img.write_at(&buf[s..], offset + s as u64).map_err(io_err)?;
+        }
+        Ok(())
     }
 
     pub fn chain(&self) -> &Arc<Chain> {
@@ -98,12 +171,21 @@ impl BlockExport for QcowExport {
     }
 
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.touch();
         self.chain.read_at(buf, offset).map_err(io_err)
     }
 
     fn write(&self, offset: u64, buf: &[u8], fua: bool) -> io::Result<()> {
+        self.touch();
         let img = self.image()?;
-        img.write_at(buf, offset).map_err(io_err)?;
+        if let Some(a) = &self.activity {
+            a.bytes_written.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        }
+        if self.compare {
+            self.write_differences(img, offset, buf)?;
+        } else {
+            img.write_at(buf, offset).map_err(io_err)?;
+        }
         if fua {
             img.flush().map_err(io_err)?;
         }
@@ -111,7 +193,15 @@ impl BlockExport for QcowExport {
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
+        self.touch();
         let img = self.image()?;
+        if self.compare {
+            // Already zero below: nothing to store.
+            let below = self.chain.block_status(offset, len).map_err(io_err)?;
+            if below.iter().all(|e| e.kind != ExtentKind::Data) {
+                return Ok(());
+            }
+        }
         if flags.fast {
             // Fast only when it is metadata alone: aligned to what the image can mark zero.
             let g = self.zero_granularity();
@@ -127,6 +217,7 @@ impl BlockExport for QcowExport {
     }
 
     fn trim(&self, offset: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.touch();
         let img = self.image()?;
         img.discard(offset, len).map_err(io_err)?;
         if fua {
@@ -136,6 +227,7 @@ impl BlockExport for QcowExport {
     }
 
     fn flush(&self) -> io::Result<()> {
+        self.touch();
         match &self.image {
             Some(i) => i.flush().map_err(io_err),
             None => Ok(()),
@@ -143,6 +235,7 @@ impl BlockExport for QcowExport {
     }
 
     fn block_status(&self, offset: u64, len: u64, ctx: MetaContext) -> io::Result<Vec<NbdExtent>> {
+        self.touch();
         let len = len.min(MAX_STATUS_SPAN);
         let extents = self.chain.block_status(offset, len).map_err(io_err)?;
         let mut out: Vec<NbdExtent> = Vec::new();
