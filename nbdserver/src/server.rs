@@ -1,0 +1,595 @@
+//! The listener, the export registry and graceful shutdown.
+//!
+//! A [`Server`] owns a registry of named exports that can change at run time,
+//! any number of TCP and unix-socket listeners, and the connection tasks.
+//! Each connection runs the handshake ([`crate::handshake`]) and then the
+//! transmission loop ([`crate::transmission`]) inside a `tracing` span.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::export::BlockExport;
+use crate::handshake::{self, HandshakeError};
+use crate::proto::MAX_STRING_LEN;
+use crate::transmission::{self, TransmissionError};
+
+/// Tunables of a [`Server`].
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Requests in flight per connection (read off the socket but not yet
+    /// answered). Further requests wait in the socket buffer.
+    pub max_inflight_requests: usize,
+    /// Payload bytes (write data being held, read buffers being filled or
+    /// sent) in flight per connection.
+    pub max_inflight_bytes: usize,
+    /// Largest READ/WRITE payload accepted; advertised in `NBD_INFO_BLOCK_SIZE`
+    /// (capped by the export's own maximum).
+    pub max_payload: u32,
+    /// An oversized WRITE payload up to this many bytes is read and discarded
+    /// and answered with EOVERFLOW; beyond it the connection is dropped.
+    pub discard_limit: u64,
+    /// Time allowed for the whole handshake phase.
+    pub handshake_timeout: Duration,
+    /// Connections accepted at once (over all listeners); extra ones are
+    /// closed immediately.
+    pub max_connections: usize,
+    /// Options accepted in one handshake before the server hangs up.
+    pub max_options: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_inflight_requests: 128,
+            max_inflight_bytes: 64 * 1024 * 1024,
+            max_payload: crate::proto::DEFAULT_MAX_PAYLOAD,
+            discard_limit: 64 * 1024 * 1024,
+            handshake_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+            max_options: 16 * 1024,
+        }
+    }
+}
+
+/// Errors of the server and registry API.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// An export of that name is already registered.
+    #[error("an export named {0:?} already exists")]
+    ExportExists(String),
+    /// The export name is longer than the protocol allows (4096 bytes).
+    #[error("export name of {0} bytes is longer than the 4096-byte limit")]
+    NameTooLong(usize),
+    /// The server is shutting down.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// Binding or configuring a listener failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Address or socket path.
+        addr: String,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Why a single connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The handshake failed.
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// The handshake took longer than [`ServerConfig::handshake_timeout`].
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    /// The transmission phase failed.
+    #[error("transmission: {0}")]
+    Transmission(#[from] TransmissionError),
+}
+
+// ---------------------------------------------------------------------------
+// Export entries
+// ---------------------------------------------------------------------------
+
+/// A registered export plus the bookkeeping needed to drain it.
+pub(crate) struct ExportEntry {
+    pub(crate) name: String,
+    state: Mutex<EntryState>,
+    drained: Notify,
+}
+
+struct EntryState {
+    export: Option<Arc<dyn BlockExport>>,
+    inflight: usize,
+}
+
+impl ExportEntry {
+    fn new(name: String, export: Arc<dyn BlockExport>) -> ExportEntry {
+        ExportEntry {
+            name,
+            state: Mutex::new(EntryState {
+                export: Some(export),
+                inflight: 0,
+            }),
+            drained: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, EntryState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The export, unless it has been removed.
+    pub(crate) fn export(&self) -> Option<Arc<dyn BlockExport>> {
+        self.lock().export.clone()
+    }
+
+    /// Start a request: counts it as in flight. `None` once removed.
+    pub(crate) fn begin(self: &Arc<Self>) -> Option<InflightGuard> {
+        let mut st = self.lock();
+        let export = st.export.clone()?;
+        st.inflight += 1;
+        Some(InflightGuard {
+            entry: Arc::clone(self),
+            export: Some(export),
+        })
+    }
+
+    /// Detach the export and wait until no request is running on it.
+    async fn close_and_drain(&self) -> Option<Arc<dyn BlockExport>> {
+        let export = self.lock().export.take();
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.lock().inflight == 0 {
+                break;
+            }
+            notified.await;
+        }
+        export
+    }
+}
+
+/// Keeps one request counted as in flight on an export.
+pub(crate) struct InflightGuard {
+    entry: Arc<ExportEntry>,
+    export: Option<Arc<dyn BlockExport>>,
+}
+
+impl InflightGuard {
+    /// The export the request runs on.
+    pub(crate) fn export(&self) -> &dyn BlockExport {
+        match &self.export {
+            Some(e) => e.as_ref(),
+            // Only taken in Drop.
+            None => unreachable_export(),
+        }
+    }
+}
+
+#[cold]
+fn unreachable_export() -> ! {
+    // The option is only emptied in Drop, so this cannot be reached; keep a
+    // clear message rather than an unwrap.
+    panic!("export guard used after drop")
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        // Release our reference before announcing the drain, so that when
+        // remove_export returns the server holds no reference to the export.
+        self.export.take();
+        let mut st = self.entry.lock();
+        st.inflight = st.inflight.saturating_sub(1);
+        if st.inflight == 0 {
+            drop(st);
+            self.entry.drained.notify_waiters();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Server
+// ---------------------------------------------------------------------------
+
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    exports: RwLock<HashMap<String, Arc<ExportEntry>>>,
+    /// Cancelled when shutdown starts: listeners stop, handshakes end.
+    pub(crate) stopping: CancellationToken,
+    /// Cancelled when open connections must close (after the grace period).
+    pub(crate) closing: CancellationToken,
+    tracker: TaskTracker,
+    listeners: Mutex<Vec<(JoinHandle<()>, Option<PathBuf>)>>,
+    next_conn: AtomicU64,
+    active: AtomicUsize,
+}
+
+impl Shared {
+    pub(crate) fn lookup(&self, name: &str) -> Option<Arc<ExportEntry>> {
+        self.exports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub(crate) fn list(&self) -> Vec<(String, String)> {
+        let map = self.exports.read().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<(String, String)> = map
+            .values()
+            .filter_map(|e| e.export().map(|x| (e.name.clone(), x.description())))
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Where a listener is bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    /// A TCP address (with the real port when 0 was asked for).
+    Tcp(SocketAddr),
+    /// A unix socket path.
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// The NBD URI of `export` on this listener (`nbd://…` or `nbd+unix://…`).
+    pub fn uri(&self, export: &str) -> String {
+        let uri = match self {
+            ListenAddr::Tcp(a) => crate::client::NbdUri::tcp(a.ip().to_string(), a.port(), export),
+            ListenAddr::Unix(p) => crate::client::NbdUri::unix(p.clone(), export),
+        };
+        uri.to_string()
+    }
+}
+
+/// What [`Server::shutdown`] did.
+#[derive(Debug, Default)]
+pub struct ShutdownReport {
+    /// Connections that had to be closed by the server after the grace period.
+    pub forced_close: bool,
+    /// Exports whose final flush failed, with the error.
+    pub flush_errors: Vec<(String, io::Error)>,
+    /// Connections still busy inside an export call 30 s after they were
+    /// told to close (they are left to finish in the background).
+    pub stuck_connections: usize,
+}
+
+/// How long [`Server::shutdown`] waits for closing connections whose
+/// requests are still running inside an export.
+const STUCK_LIMIT: Duration = Duration::from_secs(30);
+
+/// An NBD server: a registry of exports plus listeners. Cheap to clone.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("exports", &self.export_names())
+            .field("connections", &self.active_connections())
+            .finish()
+    }
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Server::new(ServerConfig::default())
+    }
+}
+
+impl Server {
+    /// A server with no exports and no listeners.
+    pub fn new(config: ServerConfig) -> Server {
+        Server {
+            shared: Arc::new(Shared {
+                config,
+                exports: RwLock::new(HashMap::new()),
+                stopping: CancellationToken::new(),
+                closing: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+                listeners: Mutex::new(Vec::new()),
+                next_conn: AtomicU64::new(1),
+                active: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServerConfig {
+        &self.shared.config
+    }
+
+    /// Register `export` under `name` (the empty name is the default export).
+    pub fn add_export(&self, name: impl Into<String>, export: Arc<dyn BlockExport>) -> Result<(), ServerError> {
+        let name = name.into();
+        if name.len() > MAX_STRING_LEN {
+            return Err(ServerError::NameTooLong(name.len()));
+        }
+        if self.shared.stopping.is_cancelled() {
+            return Err(ServerError::ShuttingDown);
+        }
+        let mut map = self.shared.exports.write().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(&name) {
+            return Err(ServerError::ExportExists(name));
+        }
+        info!(export = %name, size = export.size(), read_only = export.read_only(), "export added");
+        map.insert(name.clone(), Arc::new(ExportEntry::new(name, export)));
+        Ok(())
+    }
+
+    /// Unregister `name` and wait until requests running on it have finished.
+    ///
+    /// From the moment this is called, new connections cannot select the
+    /// export, and further requests on connections already using it fail
+    /// with `NBD_ESHUTDOWN` (clients then disconnect). When it returns, no
+    /// request is running on the export and the server holds no reference to
+    /// it, so the caller can flush and close it. Returns `None` if no such
+    /// export was registered.
+    pub async fn remove_export(&self, name: &str) -> Option<Arc<dyn BlockExport>> {
+        let entry = self
+            .shared
+            .exports
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)?;
+        let export = entry.close_and_drain().await;
+        info!(export = %name, "export removed and drained");
+        export
+    }
+
+    /// Names of the registered exports, sorted.
+    pub fn export_names(&self) -> Vec<String> {
+        self.shared.list().into_iter().map(|(n, _)| n).collect()
+    }
+
+    /// The export registered under `name`.
+    pub fn export(&self, name: &str) -> Option<Arc<dyn BlockExport>> {
+        self.shared.lookup(name).and_then(|e| e.export())
+    }
+
+    /// Number of open connections.
+    pub fn active_connections(&self) -> usize {
+        self.shared.active.load(Ordering::SeqCst)
+    }
+
+    /// Listen on a TCP address (pass a loopback address unless remote access
+    /// is intended; port 0 picks a free port). Returns the bound address.
+    pub async fn listen_tcp(&self, addr: SocketAddr) -> Result<ListenAddr, ServerError> {
+        if self.shared.stopping.is_cancelled() {
+            return Err(ServerError::ShuttingDown);
+        }
+        let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let local = listener.local_addr().map_err(|source| ServerError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+        info!(%local, "listening on TCP");
+        let server = self.clone();
+        let handle = tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = server.shared.stopping.cancelled() => break,
+                    r = listener.accept() => r,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        server.spawn_connection(stream, peer.to_string());
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        self.lock_listeners().push((handle, None));
+        Ok(ListenAddr::Tcp(local))
+    }
+
+    /// Listen on a unix socket at `path`. A stale socket file nobody listens
+    /// on is replaced; the file is removed again on shutdown.
+    pub async fn listen_unix(&self, path: impl AsRef<Path>) -> Result<ListenAddr, ServerError> {
+        let path = path.as_ref().to_path_buf();
+        if self.shared.stopping.is_cancelled() {
+            return Err(ServerError::ShuttingDown);
+        }
+        let listener = match UnixListener::bind(&path) {
+            Ok(l) => l,
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && is_stale_socket(&path).await => {
+                let _ = std::fs::remove_file(&path);
+                UnixListener::bind(&path).map_err(|source| ServerError::Listen {
+                    addr: path.display().to_string(),
+                    source,
+                })?
+            }
+            Err(source) => {
+                return Err(ServerError::Listen {
+                    addr: path.display().to_string(),
+                    source,
+                })
+            }
+        };
+        info!(path = %path.display(), "listening on unix socket");
+        let server = self.clone();
+        let handle = tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = server.shared.stopping.cancelled() => break,
+                    r = listener.accept() => r,
+                };
+                match accepted {
+                    Ok((stream, _)) => server.spawn_connection(stream, "unix".to_string()),
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        self.lock_listeners().push((handle, Some(path.clone())));
+        Ok(ListenAddr::Unix(path))
+    }
+
+    fn lock_listeners(&self) -> std::sync::MutexGuard<'_, Vec<(JoinHandle<()>, Option<PathBuf>)>> {
+        self.shared.listeners.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn spawn_connection<S>(&self, stream: S, peer: String)
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let server = self.clone();
+        self.shared.tracker.spawn(async move {
+            if let Err(e) = server.serve_connection(stream, &peer).await {
+                debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+
+    /// Serve one client connection over any byte stream until it ends: the
+    /// handshake and then the transmission phase. Listeners call this for
+    /// each accepted socket; tests and fuzzers can call it with an in-memory
+    /// stream such as `tokio::io::duplex`.
+    pub async fn serve_connection<S>(&self, stream: S, peer: &str) -> Result<(), ConnectionError>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let shared = &self.shared;
+        let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("nbd_conn", id, peer = %peer);
+        let active = shared.active.fetch_add(1, Ordering::SeqCst) + 1;
+        let _count = ActiveGuard(&shared.active);
+        async move {
+            if active > shared.config.max_connections {
+                warn!(limit = shared.config.max_connections, "too many connections; closing");
+                return Ok(());
+            }
+            debug!("connected");
+            let mut stream = Box::pin(stream);
+            let handshake = async {
+                tokio::select! {
+                    r = handshake::negotiate(&mut stream, shared) => r,
+                    _ = shared.stopping.cancelled() => Err(HandshakeError::Shutdown),
+                }
+            };
+            let negotiated = match tokio::time::timeout(shared.config.handshake_timeout, handshake).await {
+                Err(_) => {
+                    warn!("handshake timed out");
+                    return Err(ConnectionError::HandshakeTimeout);
+                }
+                Ok(Err(e)) => {
+                    info!(error = %e, "handshake failed");
+                    return Err(e.into());
+                }
+                Ok(Ok(None)) => {
+                    debug!("client ended the handshake");
+                    return Ok(());
+                }
+                Ok(Ok(Some(n))) => n,
+            };
+            info!(export = %negotiated.entry.name, mode = ?negotiated.mode, "transmission started");
+            let r = transmission::run(stream, negotiated, shared).await;
+            match &r {
+                Ok(()) => info!("disconnected"),
+                Err(e) => info!(error = %e, "connection closed after an error"),
+            }
+            r.map_err(ConnectionError::from)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Shut down: stop accepting, end handshakes, give transmission-phase
+    /// connections up to `grace` to finish on their own, then make the rest
+    /// stop reading, answer what is in flight and disconnect. Finally flush
+    /// every writable export still registered. Exports stay registered (use
+    /// [`Server::remove_export`] for those that must be released).
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        let shared = &self.shared;
+        info!(?grace, "server shutting down");
+        shared.stopping.cancel();
+        let listeners: Vec<_> = std::mem::take(&mut *self.lock_listeners());
+        for (handle, path) in listeners {
+            let _ = handle.await;
+            if let Some(p) = path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        shared.tracker.close();
+        let mut report = ShutdownReport::default();
+        if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
+            info!("grace period over; closing remaining connections");
+            report.forced_close = true;
+            shared.closing.cancel();
+            // Connections now only wait for requests already running in the
+            // exports; do not wait forever on an export that is stuck.
+            if tokio::time::timeout(STUCK_LIMIT, shared.tracker.wait()).await.is_err() {
+                warn!(limit = ?STUCK_LIMIT, "connections still busy in their exports; giving up on them");
+                report.stuck_connections = shared.active.load(Ordering::SeqCst);
+            }
+        }
+        let entries: Vec<Arc<ExportEntry>> = shared
+            .exports
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for entry in entries {
+            let Some(export) = entry.export() else { continue };
+            if export.read_only() || !export.capabilities().flush {
+                continue;
+            }
+            let name = entry.name.clone();
+            let r = tokio::task::spawn_blocking(move || export.flush())
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(format!("flush panicked: {e}"))));
+            if let Err(e) = r {
+                warn!(export = %name, error = %e, "final flush failed");
+                report.flush_errors.push((name, e));
+            }
+        }
+        info!("server stopped");
+        report
+    }
+}
+
+struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn is_stale_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => tokio::net::UnixStream::connect(path).await.is_err(),
+        _ => false,
+    }
+}

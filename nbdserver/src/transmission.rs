@@ -1,0 +1,968 @@
+//! The transmission phase, server side.
+//!
+//! One task reads requests off the socket, validates them, and hands each
+//! to tokio's blocking pool (`spawn_blocking`), because exports are
+//! synchronous. The worker that ran a request also writes its reply, under
+//! one lock that serialises replies on the connection (this saves a thread
+//! hop per request compared with a separate writer task). Requests in
+//! flight per connection are bounded by count and by payload bytes, both
+//! acquired *before* a payload is read or a read buffer allocated, and
+//! released once the reply has been written.
+
+use std::io::{self, IoSlice};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, trace, warn};
+
+use crate::export::{BlockExport, Capabilities, Extent, MetaContext, ZeroFlags};
+use crate::handshake::Negotiated;
+use crate::proto::{
+    self, cflag, cmd, reply_type, tflag, ContextId, Cookie, HeaderError, HeaderMode, NbdErrno, RequestHeader,
+    REPLY_FLAG_DONE, STATE_ZERO,
+};
+use crate::server::{ExportEntry, Shared};
+
+/// Errors that end the transmission phase abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum TransmissionError {
+    /// Socket error.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    /// A request header had the wrong magic: the stream is out of sync.
+    #[error("{0}; closing the connection")]
+    BadHeader(#[from] HeaderError),
+    /// A request carried a payload beyond what the server will read.
+    #[error("request payload of {0} bytes is beyond the discard limit; closing the connection")]
+    PayloadTooLarge(u64),
+}
+
+/// Smallest zero run worth sending as a hole chunk instead of data.
+const MIN_HOLE: u64 = 4096;
+/// At most this many content chunks in one read reply.
+const MAX_READ_CHUNKS: usize = 1024;
+/// At most this many extents in one block-status chunk.
+const MAX_STATUS_EXTENTS: usize = 64 * 1024;
+
+/// One reply ready to be written; dropping it releases the request's
+/// in-flight permits.
+struct OutMsg {
+    bufs: Vec<Bytes>,
+    _permits: Permits,
+}
+
+#[derive(Default)]
+struct Queue {
+    items: Vec<OutMsg>,
+    /// Some task or thread is currently writing the queue out.
+    writing: bool,
+}
+
+/// Writes replies; shared by the reader task and the blocking workers.
+///
+/// Whoever queues a reply while nobody is writing becomes the writer and
+/// writes everything queued (its own reply and any that arrive meanwhile)
+/// with vectored writes, then steps down. At queue depth 1 a worker thus
+/// writes its own reply with no thread hop; under load replies are batched
+/// into few system calls.
+struct ReplySink {
+    w: tokio::sync::Mutex<Pin<Box<dyn AsyncWrite + Send>>>,
+    queue: Mutex<Queue>,
+    failed: AtomicBool,
+    error: Mutex<Option<io::Error>>,
+    stop: CancellationToken,
+}
+
+impl ReplySink {
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queue a reply and, unless another writer is active, write the queue.
+    /// After a write failure replies are dropped unwritten (their permits
+    /// are still released) and the connection is told to stop.
+    async fn send(&self, msg: OutMsg) {
+        {
+            let mut q = self.lock_queue();
+            q.items.push(msg);
+            if q.writing {
+                return;
+            }
+            q.writing = true;
+        }
+        // If this future is dropped half-way (the connection is being torn
+        // down), the stream may hold a partial reply: stop writing, release
+        // what is queued and let others take over the (failed) sink.
+        let mut guard = WriterGuard(Some(self));
+        let mut w = self.w.lock().await;
+        loop {
+            let batch = {
+                let mut q = self.lock_queue();
+                if q.items.is_empty() {
+                    q.writing = false;
+                    break;
+                }
+                std::mem::take(&mut q.items)
+            };
+            if self.failed.load(Ordering::Acquire) {
+                continue;
+            }
+            let bufs: Vec<Bytes> = batch.iter().flat_map(|m| m.bufs.iter().cloned()).collect();
+            let r = match write_all_vectored(&mut *w, &bufs).await {
+                Ok(()) => w.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                debug!(error = %e, "writing replies failed; stopping the connection");
+                self.failed.store(true, Ordering::Release);
+                *self.error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                self.stop.cancel();
+            }
+            drop(batch);
+        }
+        guard.0 = None;
+    }
+
+    /// Queue (and maybe write) a reply from a blocking-pool thread.
+    fn send_blocking(&self, msg: OutMsg) {
+        tokio::runtime::Handle::current().block_on(self.send(msg));
+    }
+
+    async fn close(&self) -> io::Result<()> {
+        if let Some(e) = self.error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
+        if self.failed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut w = self.w.lock().await;
+        w.flush().await?;
+        let _ = w.shutdown().await;
+        Ok(())
+    }
+}
+
+/// Active while a writer drains the queue; if the writer's future is
+/// dropped, marks the sink failed and releases everything queued.
+struct WriterGuard<'a>(Option<&'a ReplySink>);
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(sink) = self.0 {
+            sink.failed.store(true, Ordering::Release);
+            let items = {
+                let mut q = sink.lock_queue();
+                q.writing = false;
+                std::mem::take(&mut q.items)
+            };
+            drop(items);
+        }
+    }
+}
+
+/// `write_all` over several buffers with vectored writes.
+async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bufs: &[Bytes]) -> io::Result<()> {
+    const MAX_SLICES: usize = 256;
+    let mut idx = 0usize;
+    let mut off = 0usize;
+    while idx < bufs.len() {
+        if off >= bufs[idx].len() {
+            idx += 1;
+            off = 0;
+            continue;
+        }
+        let end = bufs.len().min(idx + MAX_SLICES);
+        let mut slices = Vec::with_capacity(end - idx);
+        slices.push(IoSlice::new(&bufs[idx][off..]));
+        for b in &bufs[idx + 1..end] {
+            slices.push(IoSlice::new(b));
+        }
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed while writing a reply"));
+        }
+        while n > 0 && idx < bufs.len() {
+            let rem = bufs[idx].len() - off;
+            if n >= rem {
+                n -= rem;
+                idx += 1;
+                off = 0;
+            } else {
+                off += n;
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Permits {
+    _count: Option<OwnedSemaphorePermit>,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// Per-connection facts shared with the worker closures.
+struct Conn {
+    mode: HeaderMode,
+    size: u64,
+    tx_flags: u16,
+    caps: Capabilities,
+    min_block: u64,
+    max_payload: u64,
+    contexts: Vec<(ContextId, MetaContext)>,
+    entry: Arc<ExportEntry>,
+    pool: BufPool,
+}
+
+/// Recycles write-payload buffers, so that a stream of large writes does not
+/// map, fault in and unmap fresh memory for every request. Bounded to
+/// [`POOL_MAX_BYTES`] per connection.
+#[derive(Default)]
+struct BufPool {
+    free: Mutex<Vec<Vec<u8>>>,
+}
+
+const POOL_MAX_BYTES: usize = 32 * 1024 * 1024;
+const POOL_MAX_BUFFER: usize = 4 * 1024 * 1024;
+
+impl BufPool {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
+            let mut v = free.swap_remove(i);
+            v.clear();
+            return v;
+        }
+        drop(free);
+        Vec::with_capacity(len)
+    }
+
+    fn give(&self, v: Vec<u8>) {
+        if v.capacity() == 0 || v.capacity() > POOL_MAX_BUFFER {
+            return;
+        }
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let held: usize = free.iter().map(|b| b.capacity()).sum();
+        if held + v.capacity() <= POOL_MAX_BYTES {
+            free.push(v);
+        }
+    }
+}
+
+/// Builds reply messages for one request.
+#[derive(Clone, Copy)]
+struct Replier {
+    mode: HeaderMode,
+    cookie: Cookie,
+    offset: u64,
+}
+
+impl Replier {
+    fn chunk_header(&self, flags: u16, rtype: u16, payload_len: u64, extra: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(proto::EXTENDED_REPLY_LEN + extra);
+        proto::encode_chunk_header(&mut v, self.mode, flags, rtype, self.cookie, self.offset, payload_len);
+        v
+    }
+
+    /// Success without payload.
+    fn ok(&self) -> Vec<Bytes> {
+        match self.mode {
+            // A simple reply is allowed for payload-less success with
+            // structured replies too, and is shorter.
+            HeaderMode::Simple | HeaderMode::Structured => {
+                vec![Bytes::copy_from_slice(&proto::encode_simple_reply(NbdErrno(0), self.cookie))]
+            }
+            HeaderMode::Extended => vec![Bytes::from(self.chunk_header(REPLY_FLAG_DONE, reply_type::NONE, 0, 0))],
+        }
+    }
+
+    /// Error, with a message where the protocol can carry one.
+    fn error(&self, errno: NbdErrno, msg: &str) -> Vec<Bytes> {
+        trace!(cookie = self.cookie.0, %errno, msg, "error reply");
+        match self.mode {
+            HeaderMode::Simple => vec![Bytes::copy_from_slice(&proto::encode_simple_reply(errno, self.cookie))],
+            HeaderMode::Structured | HeaderMode::Extended => {
+                let msg = proto::truncate_message(msg).as_bytes();
+                let plen = 6 + msg.len();
+                let mut v = self.chunk_header(REPLY_FLAG_DONE, reply_type::ERROR, plen as u64, plen);
+                v.extend_from_slice(&errno.0.to_be_bytes());
+                v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+                v.extend_from_slice(msg);
+                vec![Bytes::from(v)]
+            }
+        }
+    }
+
+    fn io_error(&self, what: &str, e: &io::Error) -> Vec<Bytes> {
+        self.error(NbdErrno::from_io(e), &format!("{what}: {e}"))
+    }
+}
+
+/// Run the transmission phase until the client disconnects, the stream
+/// fails, or the server closes the connection.
+pub(crate) async fn run<S>(stream: S, neg: Negotiated, shared: &Shared) -> Result<(), TransmissionError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let cfg = &shared.config;
+    let conn = Arc::new(Conn {
+        mode: neg.mode,
+        size: neg.size,
+        tx_flags: neg.tx_flags,
+        caps: neg.caps,
+        min_block: u64::from(neg.block_sizes.minimum.max(1)),
+        max_payload: u64::from(neg.block_sizes.maximum),
+        contexts: neg.contexts,
+        entry: neg.entry,
+        pool: BufPool::default(),
+    });
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = BufReader::with_capacity(256 * 1024, rd);
+    let stop = shared.closing.child_token();
+    let sink = Arc::new(ReplySink {
+        w: tokio::sync::Mutex::new(Box::pin(wr)),
+        queue: Mutex::new(Queue::default()),
+        failed: AtomicBool::new(false),
+        error: Mutex::new(None),
+        stop: stop.clone(),
+    });
+
+    let max_count = cfg.max_inflight_requests.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let max_bytes = cfg.max_inflight_bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let count_sem = Arc::new(Semaphore::new(max_count));
+    let bytes_sem = Arc::new(Semaphore::new(max_bytes));
+    let limits = Limits {
+        discard_limit: cfg.discard_limit,
+        max_bytes,
+    };
+
+    // The loop also watches `stop` between requests; this outer select
+    // covers a client that stalls in the middle of a header or payload.
+    let result = tokio::select! {
+        r = read_loop(&mut rd, &conn, &sink, &count_sem, &bytes_sem, &limits, &stop) => r,
+        _ = stop.cancelled() => Ok(()),
+    };
+
+    // Let every request in flight finish and its reply be written.
+    let _all = count_sem.acquire_many(max_count as u32).await;
+    let closed = sink.close().await;
+    match (result, closed) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Err(e)) => Err(e.into()),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}
+
+struct Limits {
+    discard_limit: u64,
+    max_bytes: usize,
+}
+
+/// Read a request header; `Ok(None)` on a clean EOF between requests.
+async fn read_header<R: AsyncRead + Unpin>(rd: &mut R, mode: HeaderMode) -> Result<Option<RequestHeader>, TransmissionError> {
+    let mut buf = [0u8; proto::EXTENDED_REQUEST_LEN];
+    let want = mode.request_len();
+    let n = rd.read(&mut buf[..want]).await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    rd.read_exact(&mut buf[n..want]).await?;
+    let h = if mode == HeaderMode::Extended {
+        RequestHeader::decode_extended(&buf)?
+    } else {
+        let mut c = [0u8; proto::COMPACT_REQUEST_LEN];
+        c.copy_from_slice(&buf[..proto::COMPACT_REQUEST_LEN]);
+        RequestHeader::decode_compact(&c)?
+    };
+    Ok(Some(h))
+}
+
+async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    while n > 0 {
+        let want = (buf.len() as u64).min(n) as usize;
+        rd.read_exact(&mut buf[..want]).await?;
+        n -= want as u64;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_loop<R>(
+    rd: &mut R,
+    conn: &Arc<Conn>,
+    sink: &Arc<ReplySink>,
+    count_sem: &Arc<Semaphore>,
+    bytes_sem: &Arc<Semaphore>,
+    limits: &Limits,
+    stop: &CancellationToken,
+) -> Result<(), TransmissionError>
+where
+    R: AsyncRead + Unpin,
+{
+    loop {
+        let header = tokio::select! {
+            biased;
+            _ = stop.cancelled() => {
+                debug!("connection asked to close");
+                return Ok(());
+            }
+            h = read_header(rd, conn.mode) => h?,
+        };
+        let Some(h) = header else {
+            debug!("client closed the connection");
+            return Ok(());
+        };
+        trace!(cmd = cmd::name(h.command), flags = h.flags, offset = h.offset, len = h.length, cookie = h.cookie.0, "request");
+        if h.command == cmd::DISC {
+            debug!("client sent NBD_CMD_DISC");
+            return Ok(());
+        }
+        let count = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            p = Arc::clone(count_sem).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return Ok(()),
+            },
+        };
+        let rp = Replier {
+            mode: conn.mode,
+            cookie: h.cookie,
+            offset: h.offset,
+        };
+        // Replies the reader answers itself (refusals): written right away,
+        // then the request's permits are released.
+        let send = |bufs: Vec<Bytes>, permits: Permits| async move {
+            sink.send(OutMsg { bufs, _permits: permits }).await;
+        };
+
+        // --- Payload: find out how many bytes follow the header. ---
+        let has_payload_flag = h.flags & cflag::PAYLOAD_LEN != 0;
+        // A WRITE always carries its data. With extended headers the
+        // extension text asks clients to also set PAYLOAD_LEN on writes, but
+        // QEMU's client does not, so the flag is optional for WRITE here.
+        let payload_len = if h.command == cmd::WRITE || (conn.mode == HeaderMode::Extended && has_payload_flag) {
+            h.length
+        } else {
+            0
+        };
+        let mut permits = Permits {
+            _count: Some(count),
+            _bytes: None,
+        };
+        if payload_len > conn.max_payload || (payload_len > 0 && h.command != cmd::WRITE) {
+            if payload_len > limits.discard_limit.max(conn.max_payload) {
+                warn!(len = payload_len, "request payload beyond the discard limit");
+                return Err(TransmissionError::PayloadTooLarge(payload_len));
+            }
+            discard(rd, payload_len).await?;
+            let (errno, msg) = if h.command == cmd::WRITE {
+                (NbdErrno::EOVERFLOW, "write payload larger than the maximum payload size")
+            } else {
+                (NbdErrno::EINVAL, "this command does not take a payload")
+            };
+            send(rp.error(errno, msg), permits).await;
+            continue;
+        }
+        let mut payload: Option<Vec<u8>> = None;
+        if h.command == cmd::WRITE {
+            let want = (payload_len as usize).clamp(1, limits.max_bytes) as u32;
+            let bp = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                p = Arc::clone(bytes_sem).acquire_many_owned(want) => match p {
+                    Ok(p) => p,
+                    Err(_) => return Ok(()),
+                },
+            };
+            permits._bytes = Some(bp);
+            let mut v = conn.pool.take(payload_len as usize);
+            let got = (&mut *rd).take(payload_len).read_to_end(&mut v).await?;
+            if (got as u64) < payload_len {
+                return Err(TransmissionError::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed in the middle of a write payload",
+                )));
+            }
+            payload = Some(v);
+        }
+
+        // --- Validation. ---
+        let work = match validate(conn, &h) {
+            Ok(w) => w,
+            Err((errno, msg)) => {
+                send(rp.error(errno, msg), permits).await;
+                continue;
+            }
+        };
+        if let Work::Nothing = work {
+            send(zero_length_reply(&rp, h.command), permits).await;
+            continue;
+        }
+        if let Work::Read { len, .. } = work {
+            let want = (len as usize).clamp(1, limits.max_bytes) as u32;
+            let bp = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                p = Arc::clone(bytes_sem).acquire_many_owned(want) => match p {
+                    Ok(p) => p,
+                    Err(_) => return Ok(()),
+                },
+            };
+            permits._bytes = Some(bp);
+        }
+        let Some(guard) = conn.entry.begin() else {
+            send(
+                rp.error(NbdErrno::ESHUTDOWN, "the export has been removed from the server"),
+                permits,
+            )
+            .await;
+            continue;
+        };
+        let conn2 = Arc::clone(conn);
+        let sink2 = Arc::clone(sink);
+        tokio::task::spawn_blocking(move || {
+            let bufs = match catch_unwind(AssertUnwindSafe(|| execute(guard.export(), &conn2, &rp, &h, work, payload))) {
+                Ok(b) => b,
+                Err(_) => {
+                    warn!(cmd = cmd::name(h.command), "export panicked while serving a request");
+                    rp.error(NbdErrno::EIO, "internal error in the export")
+                }
+            };
+            // Finished with the export before the reply goes out.
+            drop(guard);
+            sink2.send_blocking(OutMsg { bufs, _permits: permits });
+        });
+    }
+}
+
+/// Validated work for one request.
+#[derive(Debug, Clone, Copy)]
+enum Work {
+    /// Zero-length request: succeed without touching the export.
+    Nothing,
+    Read { len: u64, df: bool },
+    Write { fua: bool },
+    Flush,
+    Trim { len: u64, fua: bool },
+    Cache { len: u64 },
+    Zero { len: u64, flags: ZeroFlags },
+    BlockStatus { len: u64, req_one: bool },
+}
+
+type Refusal = (NbdErrno, &'static str);
+
+fn validate(conn: &Conn, h: &RequestHeader) -> Result<Work, Refusal> {
+    // PAYLOAD_LEN only exists with extended headers (and was dealt with
+    // when the payload was read).
+    let flags = if conn.mode == HeaderMode::Extended {
+        h.flags & !cflag::PAYLOAD_LEN
+    } else {
+        h.flags
+    };
+    let allowed = match h.command {
+        cmd::READ => cflag::DF,
+        cmd::WRITE | cmd::TRIM => cflag::FUA,
+        cmd::FLUSH | cmd::CACHE => 0,
+        cmd::WRITE_ZEROES => cflag::FUA | cflag::NO_HOLE | cflag::FAST_ZERO,
+        cmd::BLOCK_STATUS => cflag::REQ_ONE,
+        _ => return Err((NbdErrno::EINVAL, "unknown command")),
+    };
+    if flags & !allowed != 0 {
+        return Err((NbdErrno::EINVAL, "command flag not valid for this command"));
+    }
+    let tf = conn.tx_flags;
+    if flags & cflag::FUA != 0 && tf & tflag::SEND_FUA == 0 {
+        return Err((NbdErrno::EINVAL, "FUA was not negotiated"));
+    }
+    if flags & cflag::DF != 0 && tf & tflag::SEND_DF == 0 {
+        return Err((NbdErrno::EINVAL, "DF was not negotiated"));
+    }
+    if flags & cflag::FAST_ZERO != 0 && tf & tflag::SEND_FAST_ZERO == 0 {
+        return Err((NbdErrno::EINVAL, "FAST_ZERO was not negotiated"));
+    }
+    let read_only = tf & tflag::READ_ONLY != 0;
+    let writes = matches!(h.command, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES);
+    if writes && read_only {
+        return Err((NbdErrno::EPERM, "the export is read-only"));
+    }
+    match h.command {
+        cmd::FLUSH => {
+            if tf & tflag::SEND_FLUSH == 0 {
+                return Err((NbdErrno::EINVAL, "flush is not supported by this export"));
+            }
+            return Ok(Work::Flush);
+        }
+        cmd::TRIM if tf & tflag::SEND_TRIM == 0 => {
+            return Err((NbdErrno::EINVAL, "trim is not supported by this export"));
+        }
+        cmd::WRITE_ZEROES if tf & tflag::SEND_WRITE_ZEROES == 0 => {
+            return Err((NbdErrno::EINVAL, "write zeroes is not supported by this export"));
+        }
+        cmd::BLOCK_STATUS => {
+            if !conn.mode.structured() {
+                return Err((NbdErrno::EINVAL, "block status needs structured replies"));
+            }
+            if conn.contexts.is_empty() {
+                return Err((NbdErrno::EINVAL, "no metadata context was negotiated"));
+            }
+        }
+        _ => {}
+    }
+    let len = h.length;
+    let end = h.offset.checked_add(len);
+    let in_range = matches!(end, Some(e) if e <= conn.size);
+    if !in_range {
+        return Err(if writes && h.command != cmd::TRIM {
+            (NbdErrno::ENOSPC, "request extends beyond the end of the export")
+        } else {
+            (NbdErrno::EINVAL, "request extends beyond the end of the export")
+        });
+    }
+    if conn.min_block > 1 && (h.offset % conn.min_block != 0 || len % conn.min_block != 0) {
+        return Err((NbdErrno::EINVAL, "request is not aligned to the minimum block size"));
+    }
+    if h.command == cmd::READ && len > conn.max_payload {
+        return Err((NbdErrno::EOVERFLOW, "read larger than the maximum payload size"));
+    }
+    if h.command == cmd::BLOCK_STATUS && len == 0 {
+        return Err((NbdErrno::EINVAL, "block status of length zero"));
+    }
+    if len == 0 {
+        return Ok(Work::Nothing);
+    }
+    let fua = flags & cflag::FUA != 0;
+    Ok(match h.command {
+        cmd::READ => Work::Read {
+            len,
+            df: flags & cflag::DF != 0,
+        },
+        cmd::WRITE => Work::Write { fua },
+        cmd::TRIM => Work::Trim { len, fua },
+        cmd::CACHE => Work::Cache { len },
+        cmd::WRITE_ZEROES => Work::Zero {
+            len,
+            flags: ZeroFlags {
+                may_unmap: flags & cflag::NO_HOLE == 0,
+                fast: flags & cflag::FAST_ZERO != 0,
+                fua,
+            },
+        },
+        cmd::BLOCK_STATUS => Work::BlockStatus {
+            len,
+            req_one: flags & cflag::REQ_ONE != 0,
+        },
+        _ => return Err((NbdErrno::EINVAL, "unknown command")),
+    })
+}
+
+fn zero_length_reply(rp: &Replier, command: u16) -> Vec<Bytes> {
+    if command == cmd::READ && rp.mode.structured() {
+        // A read must be answered with chunks once structured replies are on.
+        let v = rp.chunk_header(REPLY_FLAG_DONE, reply_type::NONE, 0, 0);
+        return vec![Bytes::from(v)];
+    }
+    rp.ok()
+}
+
+fn execute(
+    export: &dyn BlockExport,
+    conn: &Conn,
+    rp: &Replier,
+    h: &RequestHeader,
+    work: Work,
+    payload: Option<Vec<u8>>,
+) -> Vec<Bytes> {
+    let off = h.offset;
+    match work {
+        Work::Nothing => rp.ok(),
+        Work::Read { len, df } => read_reply(export, conn, rp, off, len, df),
+        Work::Write { fua } => {
+            let data = payload.unwrap_or_default();
+            let r = match export.write(off, &data, fua) {
+                Ok(()) => rp.ok(),
+                Err(e) => rp.io_error("write failed", &e),
+            };
+            conn.pool.give(data);
+            r
+        }
+        Work::Flush => match export.flush() {
+            Ok(()) => rp.ok(),
+            Err(e) => rp.io_error("flush failed", &e),
+        },
+        Work::Trim { len, fua } => match export.trim(off, len, fua) {
+            Ok(()) => rp.ok(),
+            Err(e) => rp.io_error("trim failed", &e),
+        },
+        Work::Cache { len } => {
+            if !conn.caps.cache {
+                return rp.ok();
+            }
+            match export.cache(off, len) {
+                Ok(()) => rp.ok(),
+                Err(e) => rp.io_error("cache failed", &e),
+            }
+        }
+        Work::Zero { len, flags } => match export.write_zeroes(off, len, flags) {
+            Ok(()) => rp.ok(),
+            Err(e) => {
+                let errno = NbdErrno::from_io(&e);
+                if flags.fast && errno == NbdErrno::ENOTSUP {
+                    rp.error(NbdErrno::ENOTSUP, "fast zeroing is not possible here")
+                } else if errno == NbdErrno::ENOTSUP {
+                    // ENOTSUP is reserved for fast-zero refusals.
+                    rp.error(NbdErrno::EIO, &format!("write zeroes failed: {e}"))
+                } else {
+                    rp.io_error("write zeroes failed", &e)
+                }
+            }
+        },
+        Work::BlockStatus { len, req_one } => block_status_reply(export, conn, rp, off, len, req_one),
+    }
+}
+
+/// Map an export error for a command that must not report ENOTSUP.
+fn errno_no_enotsup(e: &io::Error) -> NbdErrno {
+    match NbdErrno::from_io(e) {
+        NbdErrno::ENOTSUP => NbdErrno::EINVAL,
+        x => x,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Segment {
+    start: u64,
+    len: u64,
+    zero: bool,
+}
+
+/// Split a read into data and zero segments using `base:allocation`.
+fn read_segments(export: &dyn BlockExport, offset: u64, len: u64) -> Vec<Segment> {
+    let whole = vec![Segment {
+        start: offset,
+        len,
+        zero: false,
+    }];
+    let extents = match export.block_status(offset, len, MetaContext::BaseAllocation) {
+        Ok(e) => e,
+        Err(e) => {
+            debug!(error = %e, "block status failed; sending the read as data");
+            return whole;
+        }
+    };
+    let end = offset + len;
+    let mut raw: Vec<Segment> = Vec::new();
+    let mut pos = offset;
+    for e in extents {
+        if pos >= end || e.length == 0 {
+            break;
+        }
+        let l = e.length.min(end - pos);
+        raw.push(Segment {
+            start: pos,
+            len: l,
+            zero: e.flags & STATE_ZERO != 0,
+        });
+        pos += l;
+    }
+    if pos < end {
+        raw.push(Segment {
+            start: pos,
+            len: end - pos,
+            zero: false,
+        });
+    }
+    // Small holes are cheaper as data; merge neighbours of the same kind and
+    // cap the number of chunks.
+    let mut out: Vec<Segment> = Vec::new();
+    for mut s in raw {
+        if s.zero && (s.len < MIN_HOLE || out.len() >= MAX_READ_CHUNKS - 1) {
+            s.zero = false;
+        }
+        match out.last_mut() {
+            Some(last) if last.zero == s.zero => last.len += s.len,
+            _ => out.push(s),
+        }
+    }
+    out
+}
+
+fn read_reply(export: &dyn BlockExport, conn: &Conn, rp: &Replier, offset: u64, len: u64, df: bool) -> Vec<Bytes> {
+    // `len` is bounded by the maximum payload (32 MiB by default).
+    let n = len as usize;
+    if !rp.mode.structured() {
+        let mut buf = vec![0u8; n];
+        return match export.read(offset, &mut buf) {
+            Ok(()) => vec![
+                Bytes::copy_from_slice(&proto::encode_simple_reply(NbdErrno(0), rp.cookie)),
+                Bytes::from(buf),
+            ],
+            Err(e) => rp.error(errno_no_enotsup(&e), ""),
+        };
+    }
+    let segments = if !df && conn.caps.base_allocation && len >= 2 * MIN_HOLE {
+        read_segments(export, offset, len)
+    } else {
+        vec![Segment {
+            start: offset,
+            len,
+            zero: false,
+        }]
+    };
+    let mut buf = vec![0u8; n];
+    for s in segments.iter().filter(|s| !s.zero) {
+        let from = (s.start - offset) as usize;
+        let to = from + s.len as usize;
+        if let Err(e) = export.read(s.start, &mut buf[from..to]) {
+            return rp.error(errno_no_enotsup(&e), &format!("read failed: {e}"));
+        }
+    }
+    let data = Bytes::from(buf);
+    let mut out = Vec::with_capacity(segments.len() * 2);
+    let last = segments.len().saturating_sub(1);
+    for (i, s) in segments.iter().enumerate() {
+        let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
+        if s.zero {
+            let mut v = rp.chunk_header(flags, reply_type::OFFSET_HOLE, 12, 12);
+            v.extend_from_slice(&s.start.to_be_bytes());
+            // Holes lie within one read, bounded by the maximum payload.
+            v.extend_from_slice(&(s.len as u32).to_be_bytes());
+            out.push(Bytes::from(v));
+        } else {
+            let mut v = rp.chunk_header(flags, reply_type::OFFSET_DATA, 8 + s.len, 8);
+            v.extend_from_slice(&s.start.to_be_bytes());
+            out.push(Bytes::from(v));
+            let from = (s.start - offset) as usize;
+            out.push(data.slice(from..from + s.len as usize));
+        }
+    }
+    out
+}
+
+/// Clip, merge and bound the extents an export returned.
+fn normalize_extents(extents: Vec<Extent>, offset: u64, len: u64, req_one: bool) -> Vec<Extent> {
+    let end = offset + len;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut pos = offset;
+    for e in extents {
+        if pos >= end || e.length == 0 {
+            break;
+        }
+        let l = e.length.min(end - pos);
+        match out.last_mut() {
+            Some(last) if last.flags == e.flags => last.length += l,
+            _ => {
+                if out.len() >= MAX_STATUS_EXTENTS {
+                    break;
+                }
+                out.push(Extent { length: l, flags: e.flags })
+            }
+        }
+        pos += l;
+    }
+    if req_one {
+        out.truncate(1);
+    }
+    out
+}
+
+fn block_status_reply(
+    export: &dyn BlockExport,
+    conn: &Conn,
+    rp: &Replier,
+    offset: u64,
+    len: u64,
+    req_one: bool,
+) -> Vec<Bytes> {
+    let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(conn.contexts.len());
+    for &(id, ctx) in &conn.contexts {
+        let supported = match ctx {
+            MetaContext::BaseAllocation => conn.caps.base_allocation,
+            MetaContext::AllocationDepth => conn.caps.allocation_depth,
+        };
+        let extents = if supported {
+            match export.block_status(offset, len, ctx) {
+                Ok(e) => normalize_extents(e, offset, len, req_one),
+                Err(e) => return rp.error(errno_no_enotsup(&e), &format!("block status failed: {e}")),
+            }
+        } else {
+            // base:allocation without support in the export: all data.
+            vec![Extent { length: len, flags: 0 }]
+        };
+        if extents.is_empty() {
+            return rp.error(NbdErrno::EIO, "the export returned no block status");
+        }
+        let mut v;
+        match rp.mode {
+            HeaderMode::Extended => {
+                let plen = 8 + 16 * extents.len();
+                v = rp.chunk_header(0, reply_type::BLOCK_STATUS_EXT, plen as u64, plen);
+                v.extend_from_slice(&id.0.to_be_bytes());
+                v.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+                for e in &extents {
+                    v.extend_from_slice(&e.length.to_be_bytes());
+                    v.extend_from_slice(&u64::from(e.flags).to_be_bytes());
+                }
+            }
+            _ => {
+                let plen = 4 + 8 * extents.len();
+                v = rp.chunk_header(0, reply_type::BLOCK_STATUS, plen as u64, plen);
+                v.extend_from_slice(&id.0.to_be_bytes());
+                for e in &extents {
+                    // Compact requests have 32-bit lengths and extents are
+                    // clipped to the request, so this fits.
+                    let l = u32::try_from(e.length).unwrap_or(u32::MAX);
+                    v.extend_from_slice(&l.to_be_bytes());
+                    v.extend_from_slice(&e.flags.to_be_bytes());
+                }
+            }
+        }
+        chunks.push(v);
+    }
+    // Mark the last chunk as final: the flags field sits at bytes 4..6 of
+    // both structured and extended chunk headers.
+    if let Some(last) = chunks.last_mut() {
+        last[4..6].copy_from_slice(&REPLY_FLAG_DONE.to_be_bytes());
+    }
+    chunks.into_iter().map(Bytes::from).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::STATE_HOLE;
+
+    #[test]
+    fn normalize_clips_and_merges() {
+        let e = vec![
+            Extent { length: 100, flags: 0 },
+            Extent { length: 100, flags: 0 },
+            Extent { length: 0, flags: 3 },
+            Extent { length: 500, flags: 3 },
+        ];
+        let n = normalize_extents(e.clone(), 1000, 250, false);
+        assert_eq!(n, vec![Extent { length: 200, flags: 0 }]);
+        let n = normalize_extents(e.clone(), 1000, 150, true);
+        assert_eq!(n, vec![Extent { length: 150, flags: 0 }]);
+        let e = vec![Extent { length: 100, flags: 0 }, Extent { length: 500, flags: 3 }];
+        let n = normalize_extents(e, 0, 300, false);
+        assert_eq!(n, vec![Extent { length: 100, flags: 0 }, Extent { length: 200, flags: 3 }]);
+    }
+
+    #[test]
+    fn segments_coalesce_small_holes() {
+        let m = crate::export::MemExport::new(1 << 20);
+        m.write(0, &[1u8; 10], false).unwrap();
+        m.write(200 * 1024, &[1u8; 10], false).unwrap();
+        let s = read_segments(&m, 0, 1 << 20);
+        assert_eq!(s.iter().map(|s| s.len).sum::<u64>(), 1 << 20);
+        assert!(s.iter().any(|s| s.zero));
+        assert!(!s[0].zero);
+        let _ = STATE_HOLE;
+    }
+}
