@@ -47,8 +47,8 @@ logdir="$(mktemp -d)"
 trap 'rm -rf "$logdir"' EXIT
 
 step "cargo nextest run --workspace --no-fail-fast"
-if ! cargo nextest run --workspace --no-fail-fast -j "$jobs" \
-    --test-threads "$jobs" --failure-output final --status-level fail \
+if ! cargo nextest run --workspace --no-fail-fast --build-jobs "$jobs" \
+    --test-threads "$jobs" --failure-output final --status-level slow \
     --final-status-level fail 2>&1 | tee "$logdir/nextest.log"; then
     failed+=("cargo nextest run")
 fi
