@@ -63,7 +63,7 @@ impl Geometry {
             l2_span_bits: cluster_bits + l2_entries.trailing_zeros(),
             subcluster_size: if extended_l2 { cluster_size / 32 } else { cluster_size },
             refcount_order,
-            rb_entries: cluster_size * 8 >> refcount_order,
+            rb_entries: (cluster_size * 8) >> refcount_order,
             size,
         }
     }
