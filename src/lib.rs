@@ -1,9 +1,11 @@
 //! chainvault: backup repository daemon for virtual machine disks.
 //!
 //! The binary's pieces live here so that integration tests and the CLI share
-//! them: [`cli`] (clap commands), and, as the daemon grows, the catalog, the
-//! engine and the HTTP API.
+//! them: [`cli`] (clap commands), [`api`] (the HTTP control API), [`engine`],
+//! and, as the daemon grows, the catalog.
 
+pub mod catalog;
+pub mod api;
 pub mod cli;
 pub mod engine;
 pub mod export;

@@ -2,6 +2,8 @@
 
 pub mod export;
 pub mod image;
+pub mod inspect;
+pub mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +25,17 @@ pub enum Command {
     Image(image::ImageCmd),
     /// Serve one image (or chain) over NBD, like qemu-nbd.
     Export(export::ExportArgs),
+    /// Run the daemon: HTTP control API and NBD exports over a repository.
+    Serve(serve::ServeArgs),
+    /// List backups (from a running daemon, or a repository with --data).
+    #[command(subcommand)]
+    Backups(inspect::BackupsCmd),
+    /// Show and verify the chains of points in time of each disk.
+    #[command(subcommand)]
+    Chain(inspect::ChainCmd),
+    /// Repository catalog maintenance.
+    #[command(subcommand)]
+    Catalog(inspect::CatalogCmd),
 }
 
 /// Set up logging to stderr.
@@ -45,5 +58,9 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Export(a) => export::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Backups(c) => inspect::run_backups(c),
+        Command::Chain(c) => inspect::run_chain(c),
+        Command::Catalog(c) => inspect::run_catalog(c),
     }
 }

@@ -984,12 +984,17 @@ impl Engine {
         }
         let mut backups_by_status: Vec<(String, u64)> = counts.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
         backups_by_status.sort();
-        let live: u64 = lock(&self.running).values().map(|r| r.activity.bytes_written.load(Ordering::Relaxed)).sum();
+        // One guard at a time: each count is read into a local first.
+        let (live, running) = {
+            let r = lock(&self.running);
+            (r.values().map(|x| x.activity.bytes_written.load(Ordering::Relaxed)).sum::<u64>(), r.len() as u64)
+        };
+        let restores = lock(&self.restores).len() as u64;
         Metrics {
             backups_by_status,
             bytes_received: self.bytes_received.load(Ordering::Relaxed) + live,
-            active_exports: lock(&self.running).len() as u64 + lock(&self.restores).len() as u64,
-            active_restores: lock(&self.restores).len() as u64,
+            active_exports: running + restores,
+            active_restores: restores,
         }
     }
 

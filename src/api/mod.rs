@@ -1,0 +1,273 @@
+//! The HTTP control API (axum): thin handlers over the [`Engine`].
+//!
+//! * Every error is JSON, `{"error": "...", "details": ...}`: see [`error`].
+//! * With a token configured, every route but `/healthz` needs
+//!   `Authorization: Bearer <token>`.
+//! * Request bodies are limited to [`BODY_LIMIT_BYTES`].
+//! * Each request runs in a tracing span with its method and path; its status
+//!   and latency are logged when it ends.
+//!
+//! docs/api.md describes the endpoints; `GET /api/v1/openapi.json` serves
+//! their OpenAPI 3 description.
+
+pub mod error;
+pub mod extract;
+pub mod handlers;
+pub mod openapi;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tracing::Instrument;
+
+pub use error::{ApiError, ApiResult, ErrorBody};
+use handlers::AppState;
+
+use crate::engine::Engine;
+
+/// Largest request body accepted (413 beyond).
+pub const BODY_LIMIT_BYTES: usize = 1 << 20;
+
+/// Every route: (method, path in OpenAPI syntax). The OpenAPI document and the
+/// tests are checked against this list.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("post", "/api/v1/backups"),
+    ("get", "/api/v1/backups"),
+    ("get", "/api/v1/backups/changeid"),
+    ("get", "/api/v1/backups/chain"),
+    ("get", "/api/v1/backups/{backup_id}"),
+    ("delete", "/api/v1/backups/{backup_id}"),
+    ("post", "/api/v1/backups/{backup_id}/complete"),
+    ("post", "/api/v1/backups/{backup_id}/fail"),
+    ("post", "/api/v1/restores"),
+    ("delete", "/api/v1/restores/{restore_id}"),
+    ("get", "/api/v1/verify"),
+    ("get", "/api/v1/openapi.json"),
+    ("get", "/healthz"),
+    ("get", "/metrics"),
+];
+
+/// The paths that need no token.
+const PUBLIC_PATHS: &[&str] = &["/healthz"];
+
+/// The API's router. `auth_token`: when `Some`, every route but `/healthz`
+/// requires `Authorization: Bearer <token>`.
+pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
+    let state = AppState { engine };
+    let app = Router::new()
+        .route(
+            "/api/v1/backups",
+            post(handlers::start_backup).get(handlers::list_backups),
+        )
+        .route("/api/v1/backups/changeid", get(handlers::previous_change_id))
+        .route("/api/v1/backups/chain", get(handlers::chain))
+        .route(
+            "/api/v1/backups/{backup_id}",
+            get(handlers::get_backup).delete(handlers::delete_backup),
+        )
+        .route("/api/v1/backups/{backup_id}/complete", post(handlers::complete_disk))
+        .route("/api/v1/backups/{backup_id}/fail", post(handlers::fail_backup))
+        .route("/api/v1/restores", post(handlers::open_restore))
+        .route(
+            "/api/v1/restores/{restore_id}",
+            axum::routing::delete(handlers::close_restore),
+        )
+        .route("/api/v1/verify", get(handlers::verify))
+        .route("/api/v1/openapi.json", get(handlers::openapi))
+        .route("/healthz", get(handlers::healthz))
+        .route("/metrics", get(handlers::metrics))
+        .fallback(no_route)
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT_BYTES));
+    // The middleware wraps the whole router as one service (not each route, as
+    // `Router::layer` would), so that it sees the finished responses, e.g.
+    // axum's 405 with its `Allow` header.
+    let mut outer = Router::new().fallback_service(app);
+    if let Some(token) = auth_token.filter(|t| !t.is_empty()) {
+        outer = outer.layer(middleware::from_fn_with_state(Arc::<str>::from(token), require_token));
+    }
+    outer
+        .layer(middleware::from_fn(json_errors))
+        .layer(middleware::from_fn(trace))
+}
+
+/// Fallback for paths no route serves: 404 JSON.
+async fn no_route(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::no_route(method.as_str(), uri.path())
+}
+
+/// Outermost layer: a span per request; status and latency logged at the end.
+async fn trace(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let span = tracing::info_span!("http", %method, %path);
+    async move {
+        let resp = next.run(req).await;
+        let status = resp.status().as_u16();
+        let latency_ms = start.elapsed().as_secs_f64() * 1000.0;
+        if resp.status().is_server_error() {
+            tracing::warn!(status, latency_ms, "request failed");
+        } else if path == "/healthz" || path == "/metrics" {
+            tracing::debug!(status, latency_ms, "request");
+        } else {
+            tracing::info!(status, latency_ms, "request");
+        }
+        resp
+    }
+    .instrument(span)
+    .await
+}
+
+/// Safety net: a handler that panics gives a JSON 500 (the request runs in
+/// its own task), and any error response that is not JSON (axum's own 405,
+/// anything an extractor we missed produced) is rewritten as the JSON error
+/// body, so plain-text errors never reach a client.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let task = tokio::spawn(next.run(req).in_current_span());
+    let resp = match task.await {
+        Ok(resp) => resp,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_json(&resp) {
+        return resp;
+    }
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        let allowed = resp
+            .headers()
+            .get(header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        return ApiError::method_not_allowed(method.as_str(), &path, &allowed).into_response();
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut e = ApiError::new(status, message);
+    for (k, v) in parts.headers.iter() {
+        if k == header::WWW_AUTHENTICATE || k == header::ALLOW || k == header::RETRY_AFTER {
+            e.headers.push((k.clone(), v.clone()));
+        }
+    }
+    e.into_response()
+}
+
+fn is_json(resp: &Response<Body>) -> bool {
+    resp.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+/// Bearer-token check for every path but [`PUBLIC_PATHS`].
+async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
+    if PUBLIC_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return ApiError::unauthorized(
+            "missing Authorization header: this daemon requires `Authorization: Bearer <token>` \
+             with the token it was started with (chainvault serve --token / CHAINVAULT_TOKEN)",
+        )
+        .into_response();
+    };
+    match bearer(value) {
+        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => next.run(req).await,
+        Some(_) => ApiError::unauthorized(
+            "invalid bearer token: use the token the daemon was started with (chainvault serve --token / CHAINVAULT_TOKEN)",
+        )
+        .into_response(),
+        None => ApiError::unauthorized(
+            "malformed Authorization header: expected `Authorization: Bearer <token>`",
+        )
+        .into_response(),
+    }
+}
+
+/// The token of a `Bearer` Authorization header (scheme case-insensitive).
+fn bearer(v: &HeaderValue) -> Option<&str> {
+    let s = v.to_str().ok()?.trim();
+    let (scheme, token) = s.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// Compare without an early exit, so the time taken does not tell how many
+/// leading bytes matched (it depends on the longer length only).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let n = a.len().max(b.len());
+    let mut diff = (a.len() != b.len()) as u8;
+    for i in 0..n {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn bearer_header() {
+        let h = |s: &str| HeaderValue::from_str(s).unwrap();
+        assert_eq!(bearer(&h("Bearer abc")), Some("abc"));
+        assert_eq!(bearer(&h("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer(&h("Basic abc")), None);
+        assert_eq!(bearer(&h("Bearer")), None);
+    }
+
+    #[test]
+    fn openapi_lists_every_route() {
+        let doc = openapi::document();
+        for (method, path) in ROUTES {
+            assert!(
+                doc["paths"][path][method].is_object(),
+                "openapi.json lacks {method} {path}"
+            );
+        }
+        let paths = doc["paths"].as_object().unwrap();
+        for (path, item) in paths {
+            for (method, _) in item.as_object().unwrap() {
+                if method == "parameters" {
+                    continue;
+                }
+                assert!(
+                    ROUTES.iter().any(|(m, p)| m == method && p == path),
+                    "openapi.json documents {method} {path}, which the router does not serve"
+                );
+            }
+        }
+    }
+}
