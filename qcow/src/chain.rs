@@ -262,8 +262,9 @@ impl Chain {
                 Layer::Raw(r) => r.read_at(b, o)?,
                 Layer::Qcow(img) => {
                     holes.clear();
-                    img.read_own(b, o, &mut holes)?;
-                    if li + 1 < self.layers.len() {
+                    let last = li + 1 == self.layers.len();
+                    img.read_own(b, o, &mut holes, last)?;
+                    if !last {
                         for &(h, hl) in &holes {
                             work.push((li + 1, h, bs + (h - o) as usize, hl as usize));
                         }

@@ -629,9 +629,10 @@ impl Image {
         Ok(out)
     }
 
-    /// Read this layer only. Ranges this layer does not allocate are zero-filled in
-    /// `buf` and appended to `holes` as (guest offset, length).
-    pub(crate) fn read_own(&self, buf: &mut [u8], off: u64, holes: &mut Vec<(u64, u64)>) -> Result<()> {
+    /// Read this layer only. Ranges this layer does not allocate are appended to
+    /// `holes` as (guest offset, length), and zero-filled in `buf` only when
+    /// `zero_holes` is set (a layer below that fills them anyway skips it).
+    pub(crate) fn read_own(&self, buf: &mut [u8], off: u64, holes: &mut Vec<(u64, u64)>, zero_holes: bool) -> Result<()> {
         let end = off + buf.len() as u64;
         let mut pos = off;
         let mut segs = Vec::new();
@@ -652,7 +653,9 @@ impl Image {
                     Seg::Data(h) => self.pread(b, h, "read data")?,
                     Seg::Zero => b.fill(0),
                     Seg::Unalloc => {
-                        b.fill(0);
+                        if zero_holes {
+                            b.fill(0);
+                        }
                         match holes.last_mut() {
                             Some(last) if last.0 + last.1 == g => last.1 += len,
                             _ => holes.push((g, len)),
@@ -674,7 +677,7 @@ impl Image {
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         self.check_range(off, buf.len() as u64)?;
         let mut holes = Vec::new();
-        self.read_own(buf, off, &mut holes)?;
+        self.read_own(buf, off, &mut holes, self.backing.is_none())?;
         if let Some(b) = &self.backing {
             for (h, len) in holes {
                 let s = (h - off) as usize;
