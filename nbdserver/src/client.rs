@@ -1101,9 +1101,8 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, inner: &Inner) -> Result<
                     if mode.structured() {
                         return Err(ClientError::Protocol("simple reply to a read with structured replies".into()));
                     }
-                    let mut data = vec![0u8; p.len as usize];
-                    r.read_exact(&mut data).await?;
-                    p.reply.data = data;
+                    ensure_read_buffer(&mut p)?;
+                    r.read_exact(&mut p.reply.data).await?;
                 }
                 let _ = p.tx.send(Ok(p.reply));
             }
@@ -1148,6 +1147,19 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, inner: &Inner) -> Result<
     }
 }
 
+/// Size the reply buffer of a read, refusing absurd lengths (only possible
+/// through `raw_request`) instead of trying to allocate them.
+fn ensure_read_buffer(p: &mut Pending) -> Result<(), ClientError> {
+    if p.reply.data.len() as u64 == p.len {
+        return Ok(());
+    }
+    if p.len > MAX_CHUNK_EXTRA {
+        return Err(ClientError::Protocol(format!("server sent data for a {}-byte read", p.len)));
+    }
+    p.reply.data = vec![0u8; p.len as usize];
+    Ok(())
+}
+
 async fn handle_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, rt: u16, length: u64) -> Result<(), ClientError> {
     let bad = |m: &str| ClientError::Protocol(m.to_string());
     match rt {
@@ -1163,12 +1175,10 @@ async fn handle_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, rt: u16,
             let off = r.read_u64().await?;
             let n = length - 8;
             let end = off.checked_add(n).ok_or_else(|| bad("data chunk overflows"))?;
-            if off < p.offset || end > p.offset + p.len {
+            if off < p.offset || end > p.offset.saturating_add(p.len) {
                 return Err(bad("data chunk outside the request"));
             }
-            if p.reply.data.len() as u64 != p.len {
-                p.reply.data = vec![0u8; p.len as usize];
-            }
+            ensure_read_buffer(p)?;
             let from = (off - p.offset) as usize;
             r.read_exact(&mut p.reply.data[from..from + n as usize]).await?;
             p.reply.chunks.push(ReadChunk::Data { offset: off, len: n });
@@ -1180,12 +1190,10 @@ async fn handle_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, rt: u16,
             let off = r.read_u64().await?;
             let n = u64::from(r.read_u32().await?);
             let end = off.checked_add(n).ok_or_else(|| bad("hole chunk overflows"))?;
-            if n == 0 || off < p.offset || end > p.offset + p.len {
+            if n == 0 || off < p.offset || end > p.offset.saturating_add(p.len) {
                 return Err(bad("hole chunk outside the request"));
             }
-            if p.reply.data.len() as u64 != p.len {
-                p.reply.data = vec![0u8; p.len as usize];
-            }
+            ensure_read_buffer(p)?;
             let from = (off - p.offset) as usize;
             p.reply.data[from..from + n as usize].fill(0);
             p.reply.chunks.push(ReadChunk::Hole { offset: off, len: n });
@@ -1198,7 +1206,7 @@ async fn handle_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, rt: u16,
             r.read_exact(&mut b).await?;
             let ext = rt == reply_type::BLOCK_STATUS_EXT;
             let (head, item) = if ext { (8, 16) } else { (4, 8) };
-            if b.len() < head + item || (b.len() - head) % item != 0 {
+            if b.len() < head + item || !(b.len() - head).is_multiple_of(item) {
                 return Err(bad("malformed block status chunk"));
             }
             let id = be32(&b, 0);

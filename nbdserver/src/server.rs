@@ -48,6 +48,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Options accepted in one handshake before the server hangs up.
     pub max_options: usize,
+    /// Small requests (64 KiB or less) already waiting in the socket buffer
+    /// are run together, up to this many, on one blocking thread. 1 runs
+    /// every request on its own thread.
+    pub max_batch: usize,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +64,7 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(30),
             max_connections: 1024,
             max_options: 16 * 1024,
+            max_batch: 8,
         }
     }
 }

@@ -1,13 +1,15 @@
 //! The transmission phase, server side.
 //!
-//! One task reads requests off the socket, validates them, and hands each
+//! One task reads requests off the socket, validates them, and hands them
 //! to tokio's blocking pool (`spawn_blocking`), because exports are
-//! synchronous. The worker that ran a request also writes its reply, under
-//! one lock that serialises replies on the connection (this saves a thread
-//! hop per request compared with a separate writer task). Requests in
-//! flight per connection are bounded by count and by payload bytes, both
-//! acquired *before* a payload is read or a read buffer allocated, and
-//! released once the reply has been written.
+//! synchronous: large requests one per thread, small ones that are already
+//! buffered in batches of up to `ServerConfig::max_batch`. The worker that
+//! ran a request also gets its reply written: replies go into one queue, and
+//! whoever queues while nobody is writing becomes the writer for everything
+//! queued (no thread hop at queue depth 1, batched writes under load).
+//! Requests in flight per connection are bounded by count and by payload
+//! bytes, both acquired *before* a payload is read or a read buffer
+//! allocated, and released once the reply has been written.
 
 use std::io::{self, IoSlice};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -27,7 +29,7 @@ use crate::proto::{
     self, cflag, cmd, reply_type, tflag, ContextId, Cookie, HeaderError, HeaderMode, NbdErrno, RequestHeader,
     REPLY_FLAG_DONE, STATE_ZERO,
 };
-use crate::server::{ExportEntry, Shared};
+use crate::server::{ExportEntry, InflightGuard, Shared};
 
 /// Errors that end the transmission phase abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +50,7 @@ const MIN_HOLE: u64 = 4096;
 /// At most this many content chunks in one read reply.
 const MAX_READ_CHUNKS: usize = 1024;
 /// At most this many extents in one block-status chunk.
-const MAX_STATUS_EXTENTS: usize = 64 * 1024;
+const MAX_STATUS_EXTENTS: usize = 32 * 1024;
 
 /// One reply ready to be written; dropping it releases the request's
 /// in-flight permits.
@@ -88,9 +90,14 @@ impl ReplySink {
     /// After a write failure replies are dropped unwritten (their permits
     /// are still released) and the connection is told to stop.
     async fn send(&self, msg: OutMsg) {
+        self.send_many(vec![msg]).await
+    }
+
+    /// Queue several replies at once (see [`ReplySink::send`]).
+    async fn send_many(&self, msgs: Vec<OutMsg>) {
         {
             let mut q = self.lock_queue();
-            q.items.push(msg);
+            q.items.extend(msgs);
             if q.writing {
                 return;
             }
@@ -129,9 +136,9 @@ impl ReplySink {
         guard.0 = None;
     }
 
-    /// Queue (and maybe write) a reply from a blocking-pool thread.
-    fn send_blocking(&self, msg: OutMsg) {
-        tokio::runtime::Handle::current().block_on(self.send(msg));
+    /// Queue (and maybe write) replies from a blocking-pool thread.
+    fn send_many_blocking(&self, msgs: Vec<OutMsg>) {
+        tokio::runtime::Handle::current().block_on(self.send_many(msgs));
     }
 
     async fn close(&self) -> io::Result<()> {
@@ -300,8 +307,10 @@ impl Replier {
         }
     }
 
+    /// An export error. ENOTSUP is reserved for refused fast zeroing, so
+    /// here it becomes EINVAL.
     fn io_error(&self, what: &str, e: &io::Error) -> Vec<Bytes> {
-        self.error(NbdErrno::from_io(e), &format!("{what}: {e}"))
+        self.error(errno_no_enotsup(e), &format!("{what}: {e}"))
     }
 }
 
@@ -341,6 +350,7 @@ where
     let limits = Limits {
         discard_limit: cfg.discard_limit,
         max_bytes,
+        max_batch: cfg.max_batch.max(1),
     };
 
     // The loop also watches `stop` between requests; this outer select
@@ -363,6 +373,109 @@ where
 struct Limits {
     discard_limit: u64,
     max_bytes: usize,
+    max_batch: usize,
+}
+
+/// Requests with at most this much payload or read data may be batched.
+const SMALL_REQUEST: u64 = 64 * 1024;
+
+/// One validated request ready to run on the export.
+struct Job {
+    guard: InflightGuard,
+    rp: Replier,
+    h: RequestHeader,
+    work: Work,
+    payload: Option<Vec<u8>>,
+    permits: Permits,
+}
+
+/// Run jobs one after the other on the blocking pool and queue their
+/// replies together.
+fn dispatch(jobs: Vec<Job>, conn: &Arc<Conn>, sink: &Arc<ReplySink>) {
+    if jobs.is_empty() {
+        return;
+    }
+    let conn2 = Arc::clone(conn);
+    let sink2 = Arc::clone(sink);
+    tokio::task::spawn_blocking(move || {
+        let mut msgs = Vec::with_capacity(jobs.len());
+        // Count permits are released last, after this worker has let go of
+        // everything it shares with the connection: once the reader holds
+        // every count permit, no worker touches the connection any more
+        // (and the replies are written by then: `close` waits for the
+        // active writer).
+        let mut counts = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let Job {
+                guard,
+                rp,
+                h,
+                work,
+                payload,
+                mut permits,
+            } = job;
+            counts.push(permits._count.take());
+            let bufs = match catch_unwind(AssertUnwindSafe(|| execute(guard.export(), &conn2, &rp, &h, work, payload))) {
+                Ok(b) => b,
+                Err(_) => {
+                    warn!(cmd = cmd::name(h.command), "export panicked while serving a request");
+                    rp.error(NbdErrno::EIO, "internal error in the export")
+                }
+            };
+            // Finished with the export before the reply goes out.
+            drop(guard);
+            msgs.push(OutMsg { bufs, _permits: permits });
+        }
+        sink2.send_many_blocking(msgs);
+        drop(sink2);
+        drop(conn2);
+        drop(counts);
+    });
+}
+
+/// Take `n` permits. If they are not free right away, first send the
+/// pending batch on its way (its jobs hold permits that would otherwise
+/// never be released), then wait. `None` when the connection is stopping.
+async fn acquire(
+    sem: &Arc<Semaphore>,
+    n: u32,
+    batch: &mut Vec<Job>,
+    conn: &Arc<Conn>,
+    sink: &Arc<ReplySink>,
+    stop: &CancellationToken,
+) -> Option<OwnedSemaphorePermit> {
+    if let Ok(p) = Arc::clone(sem).try_acquire_many_owned(n) {
+        return Some(p);
+    }
+    dispatch(std::mem::take(batch), conn, sink);
+    tokio::select! {
+        _ = stop.cancelled() => None,
+        p = Arc::clone(sem).acquire_many_owned(n) => p.ok(),
+    }
+}
+
+/// Whether the next request (header and any payload) is already buffered.
+fn next_request_buffered(buf: &[u8], mode: HeaderMode) -> bool {
+    let hl = mode.request_len();
+    if buf.len() < hl {
+        return false;
+    }
+    let h = if mode == HeaderMode::Extended {
+        let mut b = [0u8; proto::EXTENDED_REQUEST_LEN];
+        b.copy_from_slice(&buf[..hl]);
+        RequestHeader::decode_extended(&b)
+    } else {
+        let mut b = [0u8; proto::COMPACT_REQUEST_LEN];
+        b.copy_from_slice(&buf[..hl]);
+        RequestHeader::decode_compact(&b)
+    };
+    let Ok(h) = h else { return false };
+    let payload = if h.command == cmd::WRITE || (mode == HeaderMode::Extended && h.flags & cflag::PAYLOAD_LEN != 0) {
+        h.length
+    } else {
+        0
+    };
+    (buf.len() as u64).saturating_sub(hl as u64) >= payload
 }
 
 /// Read a request header; `Ok(None)` on a clean EOF between requests.
@@ -396,7 +509,7 @@ async fn discard<R: AsyncRead + Unpin>(rd: &mut R, mut n: u64) -> io::Result<()>
 
 #[allow(clippy::too_many_arguments)]
 async fn read_loop<R>(
-    rd: &mut R,
+    rd: &mut BufReader<R>,
     conn: &Arc<Conn>,
     sink: &Arc<ReplySink>,
     count_sem: &Arc<Semaphore>,
@@ -407,7 +520,14 @@ async fn read_loop<R>(
 where
     R: AsyncRead + Unpin,
 {
+    // Small requests that are already buffered are collected and run
+    // together on one blocking thread: fewer thread hand-offs and batched
+    // replies at high queue depth.
+    let mut batch: Vec<Job> = Vec::new();
     loop {
+        if !batch.is_empty() && (batch.len() >= limits.max_batch || !next_request_buffered(rd.buffer(), conn.mode)) {
+            dispatch(std::mem::take(&mut batch), conn, sink);
+        }
         let header = tokio::select! {
             biased;
             _ = stop.cancelled() => {
@@ -418,19 +538,18 @@ where
         };
         let Some(h) = header else {
             debug!("client closed the connection");
+            dispatch(batch, conn, sink);
             return Ok(());
         };
         trace!(cmd = cmd::name(h.command), flags = h.flags, offset = h.offset, len = h.length, cookie = h.cookie.0, "request");
         if h.command == cmd::DISC {
             debug!("client sent NBD_CMD_DISC");
+            dispatch(batch, conn, sink);
             return Ok(());
         }
-        let count = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            p = Arc::clone(count_sem).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return Ok(()),
-            },
+        let count = match acquire(count_sem, 1, &mut batch, conn, sink, stop).await {
+            Some(p) => p,
+            None => return Ok(()),
         };
         let rp = Replier {
             mode: conn.mode,
@@ -438,7 +557,8 @@ where
             offset: h.offset,
         };
         // Replies the reader answers itself (refusals): written right away,
-        // then the request's permits are released.
+        // then the request's permits are released. Pending batched work is
+        // sent on its way first, since writing may wait for the client.
         let send = |bufs: Vec<Bytes>, permits: Permits| async move {
             sink.send(OutMsg { bufs, _permits: permits }).await;
         };
@@ -468,18 +588,15 @@ where
             } else {
                 (NbdErrno::EINVAL, "this command does not take a payload")
             };
+            dispatch(std::mem::take(&mut batch), conn, sink);
             send(rp.error(errno, msg), permits).await;
             continue;
         }
         let mut payload: Option<Vec<u8>> = None;
         if h.command == cmd::WRITE {
             let want = (payload_len as usize).clamp(1, limits.max_bytes) as u32;
-            let bp = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                p = Arc::clone(bytes_sem).acquire_many_owned(want) => match p {
-                    Ok(p) => p,
-                    Err(_) => return Ok(()),
-                },
+            let Some(bp) = acquire(bytes_sem, want, &mut batch, conn, sink, stop).await else {
+                return Ok(());
             };
             permits._bytes = Some(bp);
             let mut v = conn.pool.take(payload_len as usize);
@@ -497,26 +614,32 @@ where
         let work = match validate(conn, &h) {
             Ok(w) => w,
             Err((errno, msg)) => {
+                dispatch(std::mem::take(&mut batch), conn, sink);
                 send(rp.error(errno, msg), permits).await;
                 continue;
             }
         };
         if let Work::Nothing = work {
+            dispatch(std::mem::take(&mut batch), conn, sink);
             send(zero_length_reply(&rp, h.command), permits).await;
             continue;
         }
-        if let Work::Read { len, .. } = work {
-            let want = (len as usize).clamp(1, limits.max_bytes) as u32;
-            let bp = tokio::select! {
-                _ = stop.cancelled() => return Ok(()),
-                p = Arc::clone(bytes_sem).acquire_many_owned(want) => match p {
-                    Ok(p) => p,
-                    Err(_) => return Ok(()),
-                },
+        // Reply buffers count against the byte budget too: a read's data, or
+        // the largest block-status reply this request could produce.
+        let reply_bytes = match work {
+            Work::Read { len, .. } => Some(len as usize),
+            Work::BlockStatus { .. } => Some(conn.contexts.len() * (8 + 16 * MAX_STATUS_EXTENTS)),
+            _ => None,
+        };
+        if let Some(bytes) = reply_bytes {
+            let want = bytes.clamp(1, limits.max_bytes) as u32;
+            let Some(bp) = acquire(bytes_sem, want, &mut batch, conn, sink, stop).await else {
+                return Ok(());
             };
             permits._bytes = Some(bp);
         }
         let Some(guard) = conn.entry.begin() else {
+            dispatch(std::mem::take(&mut batch), conn, sink);
             send(
                 rp.error(NbdErrno::ESHUTDOWN, "the export has been removed from the server"),
                 permits,
@@ -524,20 +647,25 @@ where
             .await;
             continue;
         };
-        let conn2 = Arc::clone(conn);
-        let sink2 = Arc::clone(sink);
-        tokio::task::spawn_blocking(move || {
-            let bufs = match catch_unwind(AssertUnwindSafe(|| execute(guard.export(), &conn2, &rp, &h, work, payload))) {
-                Ok(b) => b,
-                Err(_) => {
-                    warn!(cmd = cmd::name(h.command), "export panicked while serving a request");
-                    rp.error(NbdErrno::EIO, "internal error in the export")
-                }
-            };
-            // Finished with the export before the reply goes out.
-            drop(guard);
-            sink2.send_blocking(OutMsg { bufs, _permits: permits });
-        });
+        let small = match work {
+            Work::Read { len, .. } => len <= SMALL_REQUEST,
+            Work::Write { .. } => h.length <= SMALL_REQUEST,
+            Work::BlockStatus { .. } => false,
+            _ => true,
+        };
+        let job = Job {
+            guard,
+            rp,
+            h,
+            work,
+            payload,
+            permits,
+        };
+        if small && limits.max_batch > 1 {
+            batch.push(job);
+        } else {
+            dispatch(vec![job], conn, sink);
+        }
     }
 }
 
@@ -624,7 +752,7 @@ fn validate(conn: &Conn, h: &RequestHeader) -> Result<Work, Refusal> {
             (NbdErrno::EINVAL, "request extends beyond the end of the export")
         });
     }
-    if conn.min_block > 1 && (h.offset % conn.min_block != 0 || len % conn.min_block != 0) {
+    if conn.min_block > 1 && (!h.offset.is_multiple_of(conn.min_block) || !len.is_multiple_of(conn.min_block)) {
         return Err((NbdErrno::EINVAL, "request is not aligned to the minimum block size"));
     }
     if h.command == cmd::READ && len > conn.max_payload {

@@ -389,3 +389,38 @@ async fn shutdown_is_not_held_up_by_stalled_clients() {
     assert_eq!(stuck_handshake.read(&mut b).await.unwrap_or(0), 0);
     assert_eq!(stuck_write.read(&mut b).await.unwrap_or(0), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_small_requests_with_tight_limits() {
+    // Fewer permits than the batch size: batching must never hold the
+    // permits the reader is waiting for.
+    for (requests, bytes) in [(3usize, 16 * MIB as usize), (64, 20_000)] {
+        let ts = TestServer::start_with(ServerConfig {
+            max_inflight_requests: requests,
+            max_inflight_bytes: bytes,
+            max_batch: 8,
+            ..ServerConfig::default()
+        })
+        .await;
+        ts.add("disk", Arc::new(MemExport::new(16 * MIB)));
+        let c = Arc::new(connect(&ts, "disk", HeaderMode::Structured).await);
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..256u64 {
+            let c = Arc::clone(&c);
+            tasks.spawn(async move {
+                let data = pseudo_random(4096, i + 7);
+                c.write(i * 4096, &data, false).await.unwrap();
+                assert_eq!(c.read(i * 4096, 4096).await.unwrap(), data);
+                if i % 16 == 0 {
+                    c.flush().await.unwrap();
+                }
+            });
+        }
+        let all = async {
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), all).await.expect("requests stalled");
+    }
+}

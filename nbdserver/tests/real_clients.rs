@@ -10,6 +10,19 @@ use common::*;
 
 const MIB: u64 = 1024 * 1024;
 
+/// Random bytes from the kernel (fast even in debug builds).
+fn urandom(len: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut v = Vec::with_capacity(len);
+    std::fs::File::open("/dev/urandom")
+        .expect("open /dev/urandom")
+        .take(len as u64)
+        .read_to_end(&mut v)
+        .expect("read /dev/urandom");
+    assert_eq!(v.len(), len);
+    v
+}
+
 fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON ({e}):\n{s}"))
 }
@@ -190,7 +203,7 @@ async fn nbdcopy_in(connections: u32, tcp: bool) {
     let ts = TestServer::start().await;
     let size = 256 * MIB;
     let src = ts.path("src.raw");
-    let data = pseudo_random(size as usize, 0x5eed + u64::from(connections));
+    let data = urandom(size as usize);
     std::fs::write(&src, &data).unwrap();
     let dst = ts.path("dst.raw");
     sparse_file(&dst, size);

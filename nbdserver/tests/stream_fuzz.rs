@@ -154,3 +154,33 @@ async fn truncated_valid_session_at_every_length() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn harness_really_drives_the_server() {
+    // A valid session through the same harness: GO, WRITE, FLUSH, DISC.
+    let mut v = Vec::new();
+    v.extend_from_slice(&3u32.to_be_bytes());
+    option(&mut v, opt::STRUCTURED_REPLY, &[]);
+    let mut d = Vec::new();
+    string(&mut d, "disk");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    option(&mut v, opt::GO, &d);
+    let mut req = |command: u16, offset: u64, payload: &[u8]| {
+        v.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        v.extend_from_slice(&0u16.to_be_bytes());
+        v.extend_from_slice(&command.to_be_bytes());
+        v.extend_from_slice(&7u64.to_be_bytes());
+        v.extend_from_slice(&offset.to_be_bytes());
+        v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        v.extend_from_slice(payload);
+    };
+    req(cmd::WRITE, 1 << 20, b"through the harness");
+    req(cmd::FLUSH, 0, &[]);
+    req(cmd::DISC, 0, &[]);
+    let server = fuzz_server();
+    feed_client_bytes(&server, &v, Duration::from_secs(10)).await.unwrap();
+    let disk = server.export("disk").unwrap();
+    let mut b = [0u8; 19];
+    disk.read(1 << 20, &mut b).unwrap();
+    assert_eq!(&b, b"through the harness");
+}
