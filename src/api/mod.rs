@@ -94,8 +94,33 @@ pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
         outer = outer.layer(middleware::from_fn_with_state(Arc::<str>::from(token), require_token));
     }
     outer
+        .layer(middleware::from_fn(declared_length))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(trace))
+}
+
+/// A body announced larger than the limit is refused from its headers, before
+/// any of it is read (and the connection is closed rather than drained).
+async fn declared_length(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT_BYTES as u64) {
+        let mut resp = ApiError::new(
+            axum::http::StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "the request body is larger than the {} this API accepts",
+                crate::units::human(BODY_LIMIT_BYTES as u64)
+            ),
+        )
+        .into_response();
+        resp.headers_mut()
+            .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        return resp;
+    }
+    next.run(req).await
 }
 
 /// Fallback for paths no route serves: 404 JSON.
