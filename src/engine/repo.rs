@@ -112,54 +112,34 @@ pub fn remove_point(image_abs: &Path) {
     }
 }
 
-/// Every sidecar under `<data>/vms`.
-pub fn all_sidecars(data: &Path) -> Vec<PathBuf> {
+/// Every file in a disk directory, `<data>/vms/<vm>/disk<N>/*`, sorted.
+fn point_files(data: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let Ok(vms) = std::fs::read_dir(data.join("vms")) else { return out };
     for vm in vms.flatten() {
         let Ok(disks) = std::fs::read_dir(vm.path()) else { continue };
         for disk in disks.flatten() {
             let Ok(files) = std::fs::read_dir(disk.path()) else { continue };
-            for f in files.flatten() {
-                let p = f.path();
-                let name = f.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".json") && !name.starts_with('.') {
-                    out.push(p);
-                }
-            }
+            out.extend(files.flatten().map(|f| f.path()));
         }
     }
     out.sort();
     out
 }
 
-/// Every image under `<data>/vms`.
-pub fn all_images(data: &Path) -> Vec<PathBuf> {
-    all_sidecars(data)
-        .into_iter()
-        .map(|s| s.with_extension("qcow2"))
-        .chain(find_ext(data, "qcow2"))
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .filter(|p| p.exists())
-        .collect()
+fn has_ext(p: &Path, ext: &str) -> bool {
+    p.extension().is_some_and(|e| e == ext)
+        && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
 }
 
-fn find_ext(data: &Path, ext: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let Ok(vms) = std::fs::read_dir(data.join("vms")) else { return out };
-    for vm in vms.flatten() {
-        let Ok(disks) = std::fs::read_dir(vm.path()) else { continue };
-        for disk in disks.flatten() {
-            let Ok(files) = std::fs::read_dir(disk.path()) else { continue };
-            for f in files.flatten() {
-                if f.path().extension().is_some_and(|e| e == ext) {
-                    out.push(f.path());
-                }
-            }
-        }
-    }
-    out
+/// Every sidecar under `<data>/vms`.
+pub fn all_sidecars(data: &Path) -> Vec<PathBuf> {
+    point_files(data).into_iter().filter(|p| has_ext(p, "json")).collect()
+}
+
+/// Every image under `<data>/vms`.
+pub fn all_images(data: &Path) -> Vec<PathBuf> {
+    point_files(data).into_iter().filter(|p| has_ext(p, "qcow2")).collect()
 }
 
 /// A new backup id: UTC time to the millisecond, then randomness. Ids sort in
