@@ -61,6 +61,8 @@ async fn full_then_incremental_two_disks() {
         assert_eq!(c.change_id, *cid);
     }
     assert_eq!(e.get_backup(&r.backup_id).unwrap().backup.status, Status::Completed);
+    // A completed backup has nothing to fail; its points are untouched.
+    assert_eq!(e.fail_backup(&r.backup_id, "late").await.unwrap_err().status_code(), 409);
     assert_eq!(e.previous_change_id("vm1", 0).unwrap().change_id, "cbt-a/1");
     assert_eq!(e.previous_change_id("vm1", 1).unwrap().change_id, "cbt-b/1");
     // Repeat: same answer; conflicting: 409.
@@ -126,4 +128,47 @@ async fn full_then_incremental_two_disks() {
         assert!(!e.data_dir().join(&disk.image).exists());
     }
     assert!(e.verify(None).unwrap().is_clean());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_disk_fails_the_backup_and_closes_every_export() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = EngineConfig {
+        data_dir: d.path().join("data"),
+        nbd_socket: Some(d.path().join("nbd.sock")),
+        nbd_listen: None,
+        ..Default::default()
+    };
+    let e = Engine::open(cfg).await.unwrap();
+    let r = e
+        .start_backup(start_req("vm2", BackupType::Full, Some(vec![spec(0, 4 << 20), spec(1, 4 << 20)])))
+        .await
+        .unwrap();
+    // Damage disk 0's image behind the engine's back: its check will fail.
+    let b = e.get_backup(&r.backup_id).unwrap();
+    let img0 = e.data_dir().join(&b.disks[0].image);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&img0).unwrap();
+        let h = chainvault_qcow::chain::read_header(&img0).unwrap();
+        // A refcount table entry pointing at an unaligned block: a corruption.
+        f.write_all_at(&0x10200u64.to_be_bytes(), h.refcount_table_offset).unwrap();
+    }
+    let err = e
+        .complete_disk(&r.backup_id, CompleteRequest { change_id: Some("x/1".into()), disk_id: Some(0), bytes_transferred: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.status_code(), 500, "{err}");
+    let b = e.get_backup(&r.backup_id).unwrap();
+    assert_eq!(b.backup.status, Status::Failed);
+    for disk in &b.disks {
+        assert_eq!(disk.status, Status::Failed, "disk {}", disk.disk_id);
+        assert!(!e.data_dir().join(&disk.image).exists());
+    }
+    // Disk 1's export is gone, and no change_id was recorded.
+    assert!(Client::connect(&r.disks[1].nbd_uri).await.is_err());
+    assert_eq!(e.previous_change_id("vm2", 0).unwrap().change_id, "");
+    assert_eq!(e.metrics().active_exports, 0);
+    // Failing it again is harmless; failing a completed backup is a conflict.
+    e.fail_backup(&r.backup_id, "again").await.unwrap();
 }

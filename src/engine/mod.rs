@@ -596,9 +596,11 @@ impl Engine {
         let size_on_disk = match outcome {
             Ok(size) => size,
             Err(msg) => {
+                // The image is not good: this disk, and so the backup, failed.
+                // Every other running disk's export is closed and its image removed.
                 let _op = self.op.lock().await;
                 lock(&self.running).remove(&(backup_id.to_string(), disk_id));
-                self.fail_disks(backup_id, &[disk_id], &msg, Status::Failed)?;
+                self.fail_locked(backup_id, &msg, Status::Failed).await?;
                 return Err(EngineError::Internal(msg));
             }
         };
@@ -699,16 +701,23 @@ impl Engine {
         let reason = if reason.trim().is_empty() { "failed by the client" } else { reason };
         {
             let _op = self.op.lock().await;
+            let b = self.catalog.backup(backup_id).map_err(cat)?.ok_or_else(|| EngineError::not_found("backup", backup_id))?;
+            if b.status == Status::Completed {
+                return Err(EngineError::Conflict(format!(
+                    "backup {backup_id} is completed: every disk is durable and recorded, so there is nothing to fail                      (DELETE it to remove it)"
+                )));
+            }
             self.fail_locked(backup_id, reason, Status::Failed).await?;
         }
         self.get_backup(backup_id)
     }
 
-    /// Fail (or interrupt) every running disk of a backup. Caller holds `op`.
+    /// Fail (or interrupt) every running disk of a backup, closing its export
+    /// and removing its image, and mark the backup if it still runs. Disks
+    /// being completed right now are left to finish. Caller holds `op`.
     async fn fail_locked(&self, backup_id: &str, reason: &str, status: Status) -> EngineResult<()> {
-        let backup = self.catalog.backup(backup_id).map_err(cat)?.ok_or_else(|| EngineError::not_found("backup", backup_id))?;
-        if backup.status != Status::Running {
-            return Ok(());
+        if self.catalog.backup(backup_id).map_err(cat)?.is_none() {
+            return Err(EngineError::not_found("backup", backup_id));
         }
         let disks = self.catalog.disks_of(backup_id).map_err(cat)?;
         let mut ids = Vec::new();
@@ -733,7 +742,8 @@ impl Engine {
         self.fail_disks(backup_id, &ids, reason, status)
     }
 
-    /// Record disks as failed/interrupted, remove their images, and mark the backup.
+    /// Record disks as failed/interrupted, remove their images, and mark the
+    /// backup (if it still runs). Does nothing when there is nothing to change.
     fn fail_disks(&self, backup_id: &str, disk_ids: &[u32], reason: &str, status: Status) -> EngineResult<()> {
         let mut backup = self.catalog.backup(backup_id).map_err(cat)?.ok_or_else(|| EngineError::not_found("backup", backup_id))?;
         let now = now();
@@ -755,6 +765,9 @@ impl Engine {
             backup.error = Some(reason.to_string());
             backup.finished_at = Some(now);
             changes.push(Change::PutBackup(backup));
+        }
+        if changes.is_empty() {
+            return Ok(());
         }
         self.catalog.apply(&changes).map_err(cat)
     }
