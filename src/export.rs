@@ -205,7 +205,7 @@ impl BlockExport for QcowExport {
         if flags.fast {
             // Fast only when it is metadata alone: aligned to what the image can mark zero.
             let g = self.zero_granularity();
-            if offset % g != 0 || ((offset + len) % g != 0 && offset + len != self.size()) {
+            if !offset.is_multiple_of(g) || (!(offset + len).is_multiple_of(g) && offset + len != self.size()) {
                 return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
             }
         }

@@ -41,7 +41,7 @@ impl Rng {
 fn run_round(dir: &Path, seed: u64, overlay: bool) {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let img = dir.join(format!("k{seed}.qcow2"));
-    let size: u64 = 32 << 20;
+
     if overlay {
         let base = dir.join(format!("k{seed}-base.qcow2"));
         create(&base, &["--size", "32M", "--cluster-size", "64K"]);

@@ -175,8 +175,7 @@ impl Chain {
             l2_cache_bytes: opts.l2_cache_bytes,
         };
         let mut layers: Vec<Layer> = Vec::with_capacity(files.len());
-        for (i, (path, fmt)) in files.iter().enumerate().skip(1) {
-            let _ = i;
+        for (path, fmt) in files.iter().skip(1) {
             layers.push(match fmt {
                 Format::Qcow2 => Layer::Qcow(Arc::new(Image::open(path, &ro)?)),
                 Format::Raw => Layer::Raw(Arc::new(RawFile::open(path)?)),

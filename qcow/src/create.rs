@@ -82,7 +82,7 @@ impl CreateOptions {
                 self.refcount_bits
             )));
         }
-        if self.size % 512 != 0 {
+        if !self.size.is_multiple_of(512) {
             return Err(Error::InvalidArgument(format!(
                 "virtual size {} must be a multiple of 512 bytes",
                 self.size

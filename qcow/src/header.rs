@@ -335,7 +335,7 @@ impl Header {
                 )
             })?;
             let hl = v3.header_length as u64;
-            if hl < V3_MIN_HEADER_LEN as u64 || hl > cluster_size || hl % 8 != 0 {
+            if hl < V3_MIN_HEADER_LEN as u64 || hl > cluster_size || !hl.is_multiple_of(8) {
                 return Err(fail(
                     "header_length",
                     format!("{hl} must be a multiple of 8 between {V3_MIN_HEADER_LEN} and the cluster size {cluster_size}"),

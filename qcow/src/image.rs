@@ -471,18 +471,7 @@ impl Image {
             st.table_off = 0;
             st.raw = vec![0; n];
         } else {
-            if off % cs != 0 {
-                return Err(self.fail(
-                    "L1 entry",
-                    format!("L1 index {l1i} points to an L2 table at {off:#x}, not aligned to the {cs}-byte cluster size"),
-                ));
-            }
-            if off + cs > self.end.load(Ordering::Acquire) {
-                return Err(self.fail(
-                    "L1 entry",
-                    format!("L1 index {l1i} points to an L2 table at {off:#x}, past the end of the file"),
-                ));
-            }
+            self.check_cluster_at(off, "L1 entry", || format!("L1 index {l1i} points to an L2 table at {off:#x}"))?;
             if self.writable && l1e & COPIED == 0 {
                 return Err(self.fail(
                     "L1 entry",
@@ -519,18 +508,18 @@ impl Image {
 
     /// Validate a data cluster's host offset taken from an L2 entry.
     fn check_host(&self, host: u64, guest: u64) -> Result<()> {
+        self.check_cluster_at(host, "L2 entry", || format!("guest offset {guest:#x} maps to host offset {host:#x}"))
+    }
+
+    /// A cluster-sized structure at `off` must be cluster-aligned and inside
+    /// the file; `subject` says what pointed there, for the error.
+    fn check_cluster_at(&self, off: u64, field: &'static str, subject: impl FnOnce() -> String) -> Result<()> {
         let cs = self.geo.cluster_size;
-        if host % cs != 0 {
-            return Err(self.fail(
-                "L2 entry",
-                format!("guest offset {guest:#x} maps to host offset {host:#x}, not aligned to the {cs}-byte cluster size"),
-            ));
+        if !off.is_multiple_of(cs) {
+            return Err(self.fail(field, format!("{}, not aligned to the {cs}-byte cluster size", subject())));
         }
-        if host + cs > self.end.load(Ordering::Acquire) {
-            return Err(self.fail(
-                "L2 entry",
-                format!("guest offset {guest:#x} maps to host offset {host:#x}, past the end of the file"),
-            ));
+        if off.saturating_add(cs) > self.end.load(Ordering::Acquire) {
+            return Err(self.fail(field, format!("{}, past the end of the file", subject())));
         }
         Ok(())
     }
@@ -738,12 +727,7 @@ impl Image {
         let off = a.rt.get(r as usize).copied().unwrap_or(0) & REFT_OFFSET_MASK;
         let mut data = vec![0u8; cs as usize];
         if off != 0 {
-            if off % cs != 0 || off + cs > self.end.load(Ordering::Acquire) {
-                return Err(self.fail(
-                    "refcount table",
-                    format!("entry {r} points to a refcount block at {off:#x}, unaligned or past the end of the file"),
-                ));
-            }
+            self.check_cluster_at(off, "refcount table", || format!("entry {r} points to a refcount block at {off:#x}"))?;
             self.pread(&mut data, off, "read refcount block")?;
         }
         a.blocks.insert(r, RefBlock { data });
@@ -997,7 +981,6 @@ impl Image {
 
     fn write_table(&self, l1i: u64, data: &[u8], start: u64) -> Result<()> {
         let end = start + data.len() as u64;
-        let cs = self.geo.cluster_size;
         let slot = self.slot(l1i);
         let _io = rlock(&slot.io);
         let (mut plan, remaps) = {
@@ -1099,7 +1082,6 @@ impl Image {
                 lock(&self.alloc).pending_free.extend(frees);
             }
         }
-        let _ = cs;
         result
     }
 
@@ -1362,7 +1344,7 @@ impl Image {
                         drop(_io);
                         lock(&self.alloc).pending_free.extend(frees);
                         self.zero_partial_force(pos, cend - pos)?;
-                        return self.zero_table_rest(l1i, cend, end, may_unmap, discard);
+                        return if cend < end { self.zero_table(l1i, cend, end, may_unmap, discard) } else { Ok(()) };
                     }
                     L2Entry::Sub { host, copied, bitmap } => {
                         let mut bm = bitmap;
@@ -1398,13 +1380,6 @@ impl Image {
         Ok(())
     }
 
-    fn zero_table_rest(&self, l1i: u64, start: u64, end: u64, may_unmap: bool, discard: bool) -> Result<()> {
-        if start < end {
-            self.zero_table(l1i, start, end, may_unmap, discard)
-        } else {
-            Ok(())
-        }
-    }
 
     fn zero_partial_force(&self, off: u64, len: u64) -> Result<()> {
         let zeros = vec![0u8; len as usize];

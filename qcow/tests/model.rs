@@ -428,7 +428,7 @@ fn conc_overlapping_case(seed: u64) {
         .collect();
     let tseeds: Vec<u64> = (0..nthreads).map(|_| r.random()).collect();
     std::thread::scope(|s| {
-        let mut per_thread: Vec<Vec<&mut (usize, u64, u64, Vec<u8>, u64)>> = (0..nthreads).map(|_| Vec::new()).collect();
+        let mut per_thread: Vec<Vec<&mut FinalWrite>> = (0..nthreads).map(|_| Vec::new()).collect();
         for f in finals.iter_mut() {
             per_thread[f.0].push(f);
         }
@@ -545,3 +545,6 @@ fn out_of_range_requests_are_refused() {
     d.close();
     final_checks(tmp.path(), &top, &model);
 }
+
+/// A region's final write: (thread, start, end, data, seed).
+type FinalWrite = (usize, u64, u64, Vec<u8>, u64);

@@ -342,7 +342,7 @@ fn cmd_map(a: MapArgs) -> anyhow::Result<u8> {
         let v: Vec<_> = all.iter().map(map_json).collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("{:<20}{:<20}{:<20}{}", "Offset", "Length", "Mapped to", "File");
+        println!("{:<20}{:<20}{:<20}File", "Offset", "Length", "Mapped to");
         for e in all.iter().filter(|e| e.kind == ExtentKind::Data) {
             let file = chain.layers()[e.depth as usize].path().display().to_string();
             let mapped = e.host_offset.map_or("compressed".to_string(), |o| format!("{o:#x}"));

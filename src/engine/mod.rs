@@ -897,9 +897,7 @@ impl Engine {
                         .catalog
                         .points_of(&d.vm_name, d.disk_id)
                         .map_err(cat)?
-                        .into_iter()
-                        .filter(|p| p.backup_id != backup_id && p.status == Status::Completed)
-                        .next_back();
+                        .into_iter().rfind(|p| p.backup_id != backup_id && p.status == Status::Completed);
                     changes.push(match newest {
                         Some(p) => Change::PutHead(ChainHead {
                             vm_name: d.vm_name.clone(),
