@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chainvault_nbd::proto::{STATE_HOLE, STATE_ZERO};
-use chainvault_nbd::{BlockExport, BlockSizes, Capabilities, Extent as NbdExtent, MetaContext, ZeroFlags};
+use chainvault_nbd::{
+    BlockExport, BlockSizes, Capabilities, Extent as NbdExtent, MetaContext, ZeroFlags,
+};
 use chainvault_qcow::{Chain, ExtentKind, Image};
 
 /// Most extents one block-status answer carries (the client asks again for more).
@@ -99,7 +101,8 @@ impl QcowExport {
             match (differs, run) {
                 (true, None) => run = Some(i),
                 (false, Some(s)) => {
-                    img.write_at(&buf[s..i], offset + s as u64).map_err(io_err)?;
+                    img.write_at(&buf[s..i], offset + s as u64)
+                        .map_err(io_err)?;
                     run = None;
                 }
                 _ => {}
@@ -117,7 +120,9 @@ impl QcowExport {
     }
 
     fn image(&self) -> io::Result<&Arc<Image>> {
-        self.image.as_ref().ok_or_else(|| io::Error::from_raw_os_error(libc::EROFS))
+        self.image
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EROFS))
     }
 
     /// Granularity below which zeroing is not metadata-only.
@@ -179,7 +184,8 @@ impl BlockExport for QcowExport {
         self.touch();
         let img = self.image()?;
         if let Some(a) = &self.activity {
-            a.bytes_written.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            a.bytes_written
+                .fetch_add(buf.len() as u64, Ordering::Relaxed);
         }
         if self.compare {
             self.write_differences(img, offset, buf)?;
@@ -205,11 +211,14 @@ impl BlockExport for QcowExport {
         if flags.fast {
             // Fast only when it is metadata alone: aligned to what the image can mark zero.
             let g = self.zero_granularity();
-            if !offset.is_multiple_of(g) || (!(offset + len).is_multiple_of(g) && offset + len != self.size()) {
+            if !offset.is_multiple_of(g)
+                || (!(offset + len).is_multiple_of(g) && offset + len != self.size())
+            {
                 return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
             }
         }
-        img.write_zeroes(offset, len, flags.may_unmap).map_err(io_err)?;
+        img.write_zeroes(offset, len, flags.may_unmap)
+            .map_err(io_err)?;
         if flags.fua {
             img.flush().map_err(io_err)?;
         }
@@ -256,12 +265,18 @@ impl BlockExport for QcowExport {
                     if out.len() == MAX_EXTENTS {
                         break;
                     }
-                    out.push(NbdExtent { length: e.length, flags })
+                    out.push(NbdExtent {
+                        length: e.length,
+                        flags,
+                    })
                 }
             }
         }
         if out.is_empty() {
-            out.push(NbdExtent { length: len, flags: 0 });
+            out.push(NbdExtent {
+                length: len,
+                flags: 0,
+            });
         }
         Ok(out)
     }

@@ -4,8 +4,8 @@
 //! them: [`cli`] (clap commands), [`api`] (the HTTP control API), [`engine`],
 //! and, as the daemon grows, the catalog.
 
-pub mod catalog;
 pub mod api;
+pub mod catalog;
 pub mod cli;
 pub mod engine;
 pub mod export;

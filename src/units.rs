@@ -4,10 +4,14 @@
 /// (binary multiples, as qemu-img reads them).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!("size {s:?} must start with a number, e.g. 10G or 1048576"));
+        return Err(format!(
+            "size {s:?} must start with a number, e.g. 10G or 1048576"
+        ));
     }
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -16,18 +20,27 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
         "p" | "pb" | "pib" => 1 << 50,
-        other => return Err(format!("size {s:?} has an unknown unit {other:?} (use K, M, G, T or P)")),
+        other => {
+            return Err(format!(
+                "size {s:?} has an unknown unit {other:?} (use K, M, G, T or P)"
+            ))
+        }
     };
     if num.contains('.') {
-        let f: f64 = num.parse().map_err(|_| format!("size {s:?} is not a number"))?;
+        let f: f64 = num
+            .parse()
+            .map_err(|_| format!("size {s:?} is not a number"))?;
         let v = f * mult as f64;
         if !(0.0..1.8e19).contains(&v) {
             return Err(format!("size {s:?} is out of range"));
         }
         Ok(v as u64)
     } else {
-        let n: u64 = num.parse().map_err(|_| format!("size {s:?} is not a number"))?;
-        n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("size {s:?} is not a number"))?;
+        n.checked_mul(mult)
+            .ok_or_else(|| format!("size {s:?} is too large"))
     }
 }
 

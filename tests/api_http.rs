@@ -121,8 +121,12 @@ struct Resp {
 
 impl Resp {
     fn json(&self) -> Value {
-        serde_json::from_str(&self.text)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): status {} {:?}", self.status, self.text))
+        serde_json::from_str(&self.text).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): status {} {:?}",
+                self.status, self.text
+            )
+        })
     }
 
     fn header(&self, name: &str) -> Option<&str> {
@@ -143,7 +147,9 @@ impl Resp {
             self.text
         );
         let v = self.json();
-        let msg = v["error"].as_str().unwrap_or_else(|| panic!("no error message: {v}"));
+        let msg = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error message: {v}"));
         assert!(msg.len() > 10, "error message too terse: {msg:?}");
         assert!(
             v.as_object().is_some_and(|o| o.contains_key("details")),
@@ -176,9 +182,11 @@ fn declared_length_only(url: &str, len: usize) -> (u16, String) {
         }
         let text = String::from_utf8_lossy(&buf).to_string();
         if let Some(h) = text.find("\r\n\r\n") {
-            let cl = text[..h]
-                .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)));
+            let cl = text[..h].lines().find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length:")
+                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+            });
             if let Some(cl) = cl {
                 if buf.len() >= h + 4 + cl {
                     break;
@@ -187,13 +195,22 @@ fn declared_length_only(url: &str, len: usize) -> (u16, String) {
         }
     }
     let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
 fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new().timeout(Duration::from_secs(30)).build()
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .build()
 }
 
 fn into_resp(r: Result<ureq::Response, ureq::Error>) -> Resp {
@@ -245,7 +262,11 @@ fn start_body(vm: &str) -> Value {
 #[test]
 fn ready_line_health_and_openapi() {
     let d = Daemon::start(&[]);
-    assert!(d.nbd.starts_with("nbd+unix:///?socket="), "nbd base {:?}", d.nbd);
+    assert!(
+        d.nbd.starts_with("nbd+unix:///?socket="),
+        "nbd base {:?}",
+        d.nbd
+    );
 
     let r = get(&d.url("/healthz"));
     assert_eq!(r.status, 200);
@@ -306,7 +327,10 @@ fn ready_line_health_and_openapi() {
         let name = r
             .strip_prefix("#/components/schemas/")
             .unwrap_or_else(|| panic!("odd $ref {r}"));
-        assert!(doc["components"]["schemas"][name].is_object(), "dangling $ref {r}");
+        assert!(
+            doc["components"]["schemas"][name].is_object(),
+            "dangling $ref {r}"
+        );
     }
 }
 
@@ -321,14 +345,30 @@ fn errors_are_json() {
     // Wrong method.
     let r = into_resp(agent().put(&d.url("/api/v1/backups")).call());
     let v = r.error(405);
-    assert!(v["details"]["allowed"].as_array().is_some_and(|a| !a.is_empty()), "{v}");
+    assert!(
+        v["details"]["allowed"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty()),
+        "{v}"
+    );
     assert!(r.header("allow").is_some(), "405 without Allow header");
     into_resp(agent().delete(&d.url("/healthz")).call()).error(405);
 
     // Malformed JSON, wrong content type, missing field, wrong type.
-    send_raw("POST", &d.url("/api/v1/backups"), "application/json", "{\"vm_name\": ").error(400);
+    send_raw(
+        "POST",
+        &d.url("/api/v1/backups"),
+        "application/json",
+        "{\"vm_name\": ",
+    )
+    .error(400);
     send_raw("POST", &d.url("/api/v1/backups"), "text/plain", "{}").error(415);
-    let v = send_json("POST", &d.url("/api/v1/backups"), &json!({"backup_type": "full"})).error(400);
+    let v = send_json(
+        "POST",
+        &d.url("/api/v1/backups"),
+        &json!({"backup_type": "full"}),
+    )
+    .error(400);
     assert!(v["error"].as_str().unwrap().contains("vm_name"), "{v}");
     let v = send_json(
         "POST",
@@ -337,7 +377,8 @@ fn errors_are_json() {
     )
     .error(400);
     assert!(
-        v["error"].as_str().unwrap().contains("backup_type") || v["error"].as_str().unwrap().contains("weekly"),
+        v["error"].as_str().unwrap().contains("backup_type")
+            || v["error"].as_str().unwrap().contains("weekly"),
         "{v}"
     );
 
@@ -345,7 +386,8 @@ fn errors_are_json() {
     // (Only the headers are sent, so the answer cannot race a client still writing.)
     let (status, body) = declared_length_only(&d.url("/api/v1/backups"), 2 << 20);
     assert_eq!(status, 413, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("413 body is not JSON ({e}): {body}"));
+    let v: Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("413 body is not JSON ({e}): {body}"));
     assert!(v["error"].is_string(), "{v}");
 
     // Bad query parameters.
@@ -362,9 +404,21 @@ fn errors_are_json() {
     // Complete: change_id and disk_id are required.
     let url = d.url("/api/v1/backups/some-backup/complete");
     let v = send_json("POST", &url, &json!({"disk_id": 0})).error(400);
-    assert!(v["error"].as_str().unwrap().contains("change_id is required"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("change_id is required"),
+        "{v}"
+    );
     let v = send_json("POST", &url, &json!({"disk_id": 0, "change_id": "  "})).error(400);
-    assert!(v["error"].as_str().unwrap().contains("change_id is required"), "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("change_id is required"),
+        "{v}"
+    );
     let v = send_json(
         "POST",
         &url,
@@ -387,7 +441,12 @@ fn errors_are_json() {
         &json!({"disk_id": 0, "change_id": "52 66 8c 2d a7 c5 c5 68-c5 d2 8d 04 79 f5 fd 7d/5490"}),
     );
     r.error(404);
-    into_resp(agent().delete(&d.url("/api/v1/restores/no-such-restore")).call()).error(404);
+    into_resp(
+        agent()
+            .delete(&d.url("/api/v1/restores/no-such-restore"))
+            .call(),
+    )
+    .error(404);
 }
 
 #[test]
@@ -405,7 +464,10 @@ fn backup_round_trip() {
     let disk = &start["disks"][0];
     assert_eq!(disk["disk_id"], 0);
     assert!(
-        disk["nbd_uri"].as_str().unwrap_or("").starts_with("nbd+unix:///"),
+        disk["nbd_uri"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("nbd+unix:///"),
         "{disk}"
     );
 
@@ -418,7 +480,11 @@ fn backup_round_trip() {
     assert_eq!(r.json()["count"], 1);
 
     // The fail body may be left out entirely.
-    let r = into_resp(agent().post(&d.url(&format!("/api/v1/backups/{id}/fail"))).call());
+    let r = into_resp(
+        agent()
+            .post(&d.url(&format!("/api/v1/backups/{id}/fail")))
+            .call(),
+    );
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.json()["status"], "failed");
 
@@ -433,11 +499,17 @@ fn bearer_token() {
     assert_eq!(get(&d.url("/healthz")).status, 200);
 
     // Everything else does.
-    for path in ["/api/v1/backups", "/metrics", "/api/v1/openapi.json", "/api/v1/nope"] {
+    for path in [
+        "/api/v1/backups",
+        "/metrics",
+        "/api/v1/openapi.json",
+        "/api/v1/nope",
+    ] {
         let r = get(&d.url(path));
         r.error(401);
         assert!(
-            r.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")),
+            r.header("www-authenticate")
+                .is_some_and(|v| v.starts_with("Bearer")),
             "{path}"
         );
     }
@@ -455,7 +527,11 @@ fn bearer_token() {
             .call(),
     );
     basic.error(401);
-    let r = into_resp(agent().post(&d.url("/api/v1/backups")).send_json(start_body("authvm")));
+    let r = into_resp(
+        agent()
+            .post(&d.url("/api/v1/backups"))
+            .send_json(start_body("authvm")),
+    );
     r.error(401);
 
     let ok = into_resp(
@@ -483,7 +559,11 @@ fn bearer_token() {
         "--token",
         "s3cret-token",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = cli(&["backups", "list", "--server", &d.api]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
@@ -498,7 +578,11 @@ fn metrics_text_format() {
     let d = Daemon::start(&[]);
     let r = get(&d.url("/metrics"));
     assert_eq!(r.status, 200);
-    assert!(r.content_type.starts_with("text/plain"), "{}", r.content_type);
+    assert!(
+        r.content_type.starts_with("text/plain"),
+        "{}",
+        r.content_type
+    );
     let t = r.text;
     for name in [
         "chainvault_backups",
@@ -506,8 +590,14 @@ fn metrics_text_format() {
         "chainvault_active_exports",
         "chainvault_active_restores",
     ] {
-        assert!(t.contains(&format!("# HELP {name} ")), "no HELP for {name}:\n{t}");
-        assert!(t.contains(&format!("# TYPE {name} ")), "no TYPE for {name}:\n{t}");
+        assert!(
+            t.contains(&format!("# HELP {name} ")),
+            "no HELP for {name}:\n{t}"
+        );
+        assert!(
+            t.contains(&format!("# TYPE {name} ")),
+            "no TYPE for {name}:\n{t}"
+        );
     }
     for status in ["running", "completed", "failed", "interrupted"] {
         assert!(
@@ -517,7 +607,9 @@ fn metrics_text_format() {
     }
     // Every sample line is `name{labels} value` with a numeric value.
     for line in t.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
-        let (_, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+        let (_, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
         assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}");
     }
 }
@@ -540,14 +632,23 @@ fn cli_against_daemon_and_offline() {
     let mut d = Daemon::start_in(dir, &[]);
     let r = send_json("POST", &d.url("/api/v1/backups"), &start_body("clivm"));
     assert_eq!(r.status, 200, "{}", r.text);
-    let id = r.json()["backup_id"].as_str().expect("backup_id").to_string();
+    let id = r.json()["backup_id"]
+        .as_str()
+        .expect("backup_id")
+        .to_string();
 
     let out = cli(&["backups", "list", "--server", &d.api]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&id) && text.contains("clivm"), "{text}");
 
-    let out = cli(&["backups", "list", "--json", "--vm", "clivm", "--server", &d.api]);
+    let out = cli(&[
+        "backups", "list", "--json", "--vm", "clivm", "--server", &d.api,
+    ]);
     assert!(out.status.success());
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
@@ -555,7 +656,11 @@ fn cli_against_daemon_and_offline() {
     let out = cli(&[
         "chain", "show", "--vm", "clivm", "--disk", "0", "--json", "--server", &d.api,
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v["vm_name"], "clivm");
 
@@ -573,15 +678,26 @@ fn cli_against_daemon_and_offline() {
     let out = cli(&["backups", "list", "--server", &api]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no daemon at") && err.contains("--data DIR"), "{err}");
+    assert!(
+        err.contains("no daemon at") && err.contains("--data DIR"),
+        "{err}"
+    );
 
     let out = cli(&["backups", "list", "--json", "--data", &data_s]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
     assert_eq!(v[0]["status"], "interrupted", "{v}");
 
     let out = cli(&["catalog", "rebuild", "--data", &data_s, "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(d);
 }
 

@@ -39,16 +39,29 @@ fn start_inc_1disk(d: &Daemon, vm: &str, parent: &str, prev_cid: &str) -> (Strin
     let x = disk_of(&r, 0);
     let ctx = pretty(&r);
     assert_eq!(x["mode"], "incremental", "{ctx}");
-    assert_eq!(x["parent_backup_id"], parent, "the next backup continues from the head; {ctx}");
+    assert_eq!(
+        x["parent_backup_id"], parent,
+        "the next backup continues from the head; {ctx}"
+    );
     assert_eq!(x["previous_change_id"], prev_cid, "{ctx}");
     (s(&r["backup_id"]), s(&x["nbd_uri"]))
 }
 
 fn assert_interrupted(d: &Daemon, id: &str, what: &str) {
     let v = d.backup(id);
-    assert_eq!(v["status"], "interrupted", "{what}: backup status after restart: {}", pretty(&v));
+    assert_eq!(
+        v["status"],
+        "interrupted",
+        "{what}: backup status after restart: {}",
+        pretty(&v)
+    );
     for x in v["disks"].as_array().unwrap() {
-        assert_eq!(x["status"], "interrupted", "{what}: disk status after restart: {}", pretty(x));
+        assert_eq!(
+            x["status"],
+            "interrupted",
+            "{what}: disk status after restart: {}",
+            pretty(x)
+        );
         assert!(
             x["change_id"].is_null() || x["change_id"] == "",
             "{what}: an interrupted disk must not carry a change_id: {}",
@@ -57,14 +70,27 @@ fn assert_interrupted(d: &Daemon, id: &str, what: &str) {
         // model.rs: Interrupted = "its images were removed".
         if let Some(rel) = x["image"].as_str() {
             let p = abs_image(&d.data, rel);
-            assert!(!p.exists(), "{what}: half-written image {} was left behind", p.display());
+            assert!(
+                !p.exists(),
+                "{what}: half-written image {} was left behind",
+                p.display()
+            );
         }
     }
     // Not a restore point.
     let r = d.post("/api/v1/restores", &json!({"backup_id": id, "disk_id": 0}));
-    assert!(r.0 >= 400 && r.0 < 500, "{what}: a restore of an interrupted backup must be refused, got HTTP {} {}", r.0, pretty(&r.1));
+    assert!(
+        r.0 >= 400 && r.0 < 500,
+        "{what}: a restore of an interrupted backup must be refused, got HTTP {} {}",
+        r.0,
+        pretty(&r.1)
+    );
     assert_error_body(&format!("{what}: restore of an interrupted backup"), &r);
-    assert!(d.list("status=running").is_empty(), "{what}: running backups after restart: {:?}", d.list("status=running"));
+    assert!(
+        d.list("status=running").is_empty(),
+        "{what}: running backups after restart: {:?}",
+        d.list("status=running")
+    );
 }
 
 fn head(d: &Daemon, vm: &str) -> Value {
@@ -87,7 +113,12 @@ fn kill9_during_transfer_then_restart() {
     let cid0 = vmware_cid(0, 0, 1);
     let (b0, img0) = full_1disk(&d, VM, &src, SIZE, &cid0);
     let head_before = head(&d, VM);
-    assert_eq!(head_before["head_backup_id"], b0.as_str(), "{}", pretty(&head_before));
+    assert_eq!(
+        head_before["head_backup_id"],
+        b0.as_str(),
+        "{}",
+        pretty(&head_before)
+    );
 
     // A new full, fed slowly to nbdcopy through a pipe so the kill lands mid-transfer.
     let r = d.start_backup(&start_body(VM, "full", None));
@@ -107,7 +138,9 @@ fn kill9_during_transfer_then_restart() {
         stdin.write_all(&all[..24 * MIB as usize]).unwrap();
         // Wait until the daemon has received a good part of it.
         let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(5) && (!img1.exists() || allocated(&img1) < 8 * MIB) {
+        while t0.elapsed() < Duration::from_secs(5)
+            && (!img1.exists() || allocated(&img1) < 8 * MIB)
+        {
             std::thread::sleep(Duration::from_millis(20));
         }
         // nbdcopy cannot have finished: its input is still open with 24 of 64 MiB sent.
@@ -128,7 +161,11 @@ fn kill9_during_transfer_then_restart() {
     let v = d.backup(&b0);
     assert_eq!(v["status"], "completed", "{}", pretty(&v));
     assert_eq!(disk_of(&v, 0)["change_id"], cid0.as_str(), "{}", pretty(&v));
-    assert_eq!(head(&d, VM), head_before, "chain head changed by an interrupted backup");
+    assert_eq!(
+        head(&d, VM),
+        head_before,
+        "chain head changed by an interrupted backup"
+    );
     let a = d.changeid(VM, 0);
     assert_eq!(a["change_id"], cid0.as_str(), "{}", pretty(&a));
     assert_eq!(a["backup_id"], b0.as_str(), "{}", pretty(&a));
@@ -206,7 +243,10 @@ fn crash_inside_completion(point: &str, durable: bool) {
     qemu_io_changes(&uri, &ch1);
     let img1 = d.image_of(&b1, 0);
     let cid1 = vmware_cid(0, 0, 2);
-    let r = d.try_post(&format!("/api/v1/backups/{b1}/complete"), &json!({"change_id": cid1, "disk_id": 0, "bytes_transferred": ch1.bytes()}));
+    let r = d.try_post(
+        &format!("/api/v1/backups/{b1}/complete"),
+        &json!({"change_id": cid1, "disk_id": 0, "bytes_transferred": ch1.bytes()}),
+    );
     if let Ok((st, body)) = &r {
         panic!(
             "CHAINVAULT_CRASH_AT={point}: the daemon answered the completion (HTTP {st} {}) instead of aborting before the response",
@@ -226,18 +266,33 @@ fn crash_inside_completion(point: &str, durable: bool) {
     if durable {
         let v = d.backup(&b1);
         let x = disk_of(&v, 0);
-        assert_eq!(v["status"], "completed", "{point}: the committed completion must survive: {}", pretty(&v));
+        assert_eq!(
+            v["status"],
+            "completed",
+            "{point}: the committed completion must survive: {}",
+            pretty(&v)
+        );
         assert_eq!(x["status"], "completed", "{point}: {}", pretty(&v));
         assert_eq!(x["change_id"], cid1.as_str(), "{point}: {}", pretty(&v));
         let a = d.changeid(vm, 0);
-        assert_eq!(a["change_id"], cid1.as_str(), "{point}: changeid after recovery: {}", pretty(&a));
+        assert_eq!(
+            a["change_id"],
+            cid1.as_str(),
+            "{point}: changeid after recovery: {}",
+            pretty(&a)
+        );
         assert_eq!(a["backup_id"], b1.as_str(), "{point}: {}", pretty(&a));
-        assert_eq!(head(&d, vm)["head_backup_id"], b1.as_str(), "{point}: head must have advanced");
+        assert_eq!(
+            head(&d, vm)["head_backup_id"],
+            b1.as_str(),
+            "{point}: head must have advanced"
+        );
         check(point, &img1);
         compare(point, &img1, &src);
         assert_chain(point, &img1, &[&img1, &img0]);
         // The sidecar was written before the commit as "running"; recovery repairs it.
-        let sc = find_sidecar(&img1).unwrap_or_else(|| panic!("{point}: no sidecar next to {}", img1.display()));
+        let sc = find_sidecar(&img1)
+            .unwrap_or_else(|| panic!("{point}: no sidecar next to {}", img1.display()));
         let sv: Value = serde_json::from_str(&std::fs::read_to_string(&sc).unwrap())
             .unwrap_or_else(|e| panic!("{point}: sidecar {} is not JSON: {e}", sc.display()));
         let st = sv.to_string();
@@ -249,9 +304,18 @@ fn crash_inside_completion(point: &str, durable: bool) {
         );
     } else {
         assert_interrupted(&d, &b1, point);
-        assert_eq!(head(&d, vm), head_before, "{point}: the chain head must not move");
+        assert_eq!(
+            head(&d, vm),
+            head_before,
+            "{point}: the chain head must not move"
+        );
         let a = d.changeid(vm, 0);
-        assert_eq!(a["change_id"], cid0.as_str(), "{point}: changeid after recovery: {}", pretty(&a));
+        assert_eq!(
+            a["change_id"],
+            cid0.as_str(),
+            "{point}: changeid after recovery: {}",
+            pretty(&a)
+        );
         assert_eq!(a["backup_id"], b0.as_str(), "{point}: {}", pretty(&a));
     }
     check(&format!("{point}: full"), &img0);
@@ -261,7 +325,11 @@ fn crash_inside_completion(point: &str, durable: bool) {
 
     // And the next backup continues from the right head.
     let d = Daemon::start(&data);
-    let (parent, prev) = if durable { (b1.as_str(), cid1.as_str()) } else { (b0.as_str(), cid0.as_str()) };
+    let (parent, prev) = if durable {
+        (b1.as_str(), cid1.as_str())
+    } else {
+        (b0.as_str(), cid0.as_str())
+    };
     let ch = modify_disk(&src, 63, 30, Fill::Pattern);
     let (b2, uri) = start_inc_1disk(&d, vm, parent, prev);
     if !durable {
@@ -308,7 +376,17 @@ fn chain_facts(v: &Value) -> Value {
 }
 
 fn chain_show(data: &Path, vm: &str, disk: u32) -> Value {
-    let out = cli(&["chain", "show", "--data", data.to_str().unwrap(), "--vm", vm, "--disk", &disk.to_string(), "--json"]);
+    let out = cli(&[
+        "chain",
+        "show",
+        "--data",
+        data.to_str().unwrap(),
+        "--vm",
+        vm,
+        "--disk",
+        &disk.to_string(),
+        "--json",
+    ]);
     let so = text(&out.stdout);
     assert!(
         out.status.success(),
@@ -316,7 +394,8 @@ fn chain_show(data: &Path, vm: &str, disk: u32) -> Value {
         out.status,
         text(&out.stderr)
     );
-    serde_json::from_str(so.trim()).unwrap_or_else(|e| panic!("chain show --json printed non-JSON ({e}): {so}"))
+    serde_json::from_str(so.trim())
+        .unwrap_or_else(|e| panic!("chain show --json printed non-JSON ({e}): {so}"))
 }
 
 #[test]
@@ -334,7 +413,14 @@ fn catalog_rebuild_from_sidecars() {
     let d = Daemon::start(&data);
     let mut ids = Vec::new();
     // B0 full, B1 incremental, B2 incremental with disk 1 reset to full.
-    for (i, (ty, reset1)) in [("full", false), ("incremental", false), ("incremental", true)].into_iter().enumerate() {
+    for (i, (ty, reset1)) in [
+        ("full", false),
+        ("incremental", false),
+        ("incremental", true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut spec = disks.clone();
         if reset1 {
             spec[1]["mode"] = json!("full");
@@ -347,19 +433,34 @@ fn catalog_rebuild_from_sidecars() {
             if x["mode"] == "full" {
                 nbdcopy(&src[disk as usize], &uri);
             } else {
-                let ch = modify_disk(&src[disk as usize], 700 + i as u64 * 10 + disk as u64, 30, Fill::Pattern);
+                let ch = modify_disk(
+                    &src[disk as usize],
+                    700 + i as u64 * 10 + disk as u64,
+                    30,
+                    Fill::Pattern,
+                );
                 qemu_io_changes(&uri, &ch);
             }
-            d.complete(&id, disk, &vmware_cid(disk, if reset1 && disk == 1 { 1 } else { 0 }, i as u32 + 1), 1);
+            d.complete(
+                &id,
+                disk,
+                &vmware_cid(disk, if reset1 && disk == 1 { 1 } else { 0 }, i as u32 + 1),
+                1,
+            );
         }
         ids.push(id);
     }
     let cids_before: Vec<Value> = (0..2).map(|disk| d.changeid(VM, disk)).collect();
     let backups_before: Vec<Value> = ids.iter().map(|id| d.backup(id)).collect();
-    let images: Vec<PathBuf> = ids.iter().flat_map(|id| [d.image_of(id, 0), d.image_of(id, 1)]).collect();
+    let images: Vec<PathBuf> = ids
+        .iter()
+        .flat_map(|id| [d.image_of(id, 0), d.image_of(id, 1)])
+        .collect();
     d.stop();
 
-    let shown_before: Vec<Value> = (0..2).map(|disk| chain_facts(&chain_show(&data, VM, disk))).collect();
+    let shown_before: Vec<Value> = (0..2)
+        .map(|disk| chain_facts(&chain_show(&data, VM, disk)))
+        .collect();
     for (disk, c) in shown_before.iter().enumerate() {
         assert!(
             !c["points"].as_array().unwrap().is_empty() && !c["head"].is_null(),
@@ -393,16 +494,37 @@ fn catalog_rebuild_from_sidecars() {
     let d = Daemon::start(&data);
     for disk in 0..2u32 {
         let a = d.changeid(VM, disk);
-        assert_eq!(a, cids_before[disk as usize], "changeid disk {disk} after rebuild");
+        assert_eq!(
+            a, cids_before[disk as usize],
+            "changeid disk {disk} after rebuild"
+        );
     }
     for (id, before) in ids.iter().zip(&backups_before) {
         let v = d.backup(id);
-        assert_eq!(v["status"], before["status"], "backup {id} after rebuild: {}", pretty(&v));
+        assert_eq!(
+            v["status"],
+            before["status"],
+            "backup {id} after rebuild: {}",
+            pretty(&v)
+        );
         assert_eq!(v["vm_name"], before["vm_name"]);
         for disk in 0..2u32 {
             let (x, y) = (disk_of(&v, disk), disk_of(before, disk));
-            for k in ["status", "change_id", "parent_backup_id", "chain_id", "image", "mode"] {
-                assert_eq!(x[k], y[k], "backup {id} disk {disk} field {k} after rebuild:\nafter: {}\nbefore: {}", pretty(&x), pretty(&y));
+            for k in [
+                "status",
+                "change_id",
+                "parent_backup_id",
+                "chain_id",
+                "image",
+                "mode",
+            ] {
+                assert_eq!(
+                    x[k],
+                    y[k],
+                    "backup {id} disk {disk} field {k} after rebuild:\nafter: {}\nbefore: {}",
+                    pretty(&x),
+                    pretty(&y)
+                );
             }
         }
     }
@@ -412,10 +534,18 @@ fn catalog_rebuild_from_sidecars() {
         let x = disk_of(&r, disk);
         assert_eq!(x["mode"], "incremental", "{}", pretty(&r));
         assert_eq!(x["parent_backup_id"], ids[2].as_str(), "{}", pretty(&r));
-        assert_eq!(x["previous_change_id"], cids_before[disk as usize]["change_id"], "{}", pretty(&r));
+        assert_eq!(
+            x["previous_change_id"],
+            cids_before[disk as usize]["change_id"],
+            "{}",
+            pretty(&r)
+        );
     }
     let id = s(&r["backup_id"]);
-    d.post_ok(&format!("/api/v1/backups/{id}/fail"), &json!({"reason": "test over"}));
+    d.post_ok(
+        &format!("/api/v1/backups/{id}/fail"),
+        &json!({"reason": "test over"}),
+    );
     d.stop();
 }
 
@@ -426,7 +556,11 @@ fn idle_backup_times_out_and_is_failed() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let d = Daemon::start_with(&data, &["--disk-timeout", "2s"], &[]);
-    let r = d.start_backup(&start_body(VM, "full", Some(json!([disk_spec(0, 8 * MIB)]))));
+    let r = d.start_backup(&start_body(
+        VM,
+        "full",
+        Some(json!([disk_spec(0, 8 * MIB)])),
+    ));
     let id = s(&r["backup_id"]);
     let uri = s(&disk_of(&r, 0)["nbd_uri"]);
     let img = d.image_of(&id, 0);
@@ -438,7 +572,13 @@ fn idle_backup_times_out_and_is_failed() {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    assert_eq!(v["status"], "failed", "an idle backup with --disk-timeout 2s after {:?}: {}", t0.elapsed(), pretty(&v));
+    assert_eq!(
+        v["status"],
+        "failed",
+        "an idle backup with --disk-timeout 2s after {:?}: {}",
+        t0.elapsed(),
+        pretty(&v)
+    );
     let x = disk_of(&v, 0);
     assert_eq!(x["status"], "failed", "{}", pretty(&v));
     let errors = format!("{} {}", v["error"], x["error"]).to_lowercase();
@@ -447,20 +587,41 @@ fn idle_backup_times_out_and_is_failed() {
         "the error of a timed-out backup must say so: {}",
         pretty(&v)
     );
-    assert!(!img.exists(), "the timed-out backup's image {} was not removed", img.display());
+    assert!(
+        !img.exists(),
+        "the timed-out backup's image {} was not removed",
+        img.display()
+    );
     let leftovers: Vec<PathBuf> = walk(&data)
         .into_iter()
-        .filter(|p| p.file_name().map(|n| n.to_string_lossy().contains(id.as_str())).unwrap_or(false))
+        .filter(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().contains(id.as_str()))
+                .unwrap_or(false)
+        })
         .collect();
-    assert!(leftovers.is_empty(), "files of the timed-out backup are left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "files of the timed-out backup are left: {leftovers:?}"
+    );
     assert_export_gone("timed-out backup", &uri);
     assert_eq!(d.change_id(VM, 0), "");
-    let r = d.post(&format!("/api/v1/backups/{id}/complete"), &json!({"change_id": "52 00-00/1", "disk_id": 0}));
+    let r = d.post(
+        &format!("/api/v1/backups/{id}/complete"),
+        &json!({"change_id": "52 00-00/1", "disk_id": 0}),
+    );
     assert_error("completing a timed-out backup", &r, 409);
-    assert_eq!(d.change_id(VM, 0), "", "a completion after the timeout must not record a change_id");
+    assert_eq!(
+        d.change_id(VM, 0),
+        "",
+        "a completion after the timeout must not record a change_id"
+    );
     // The VM is free again.
     let r = d.start_backup(&start_body(VM, "full", None));
     let id2 = s(&r["backup_id"]);
-    d.post_ok(&format!("/api/v1/backups/{id2}/fail"), &json!({"reason": "test over"}));
+    d.post_ok(
+        &format!("/api/v1/backups/{id2}/fail"),
+        &json!({"reason": "test over"}),
+    );
     d.stop();
 }

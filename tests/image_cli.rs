@@ -12,7 +12,11 @@ fn cv() -> Command {
 }
 
 fn need(tool: &str, package: &str) {
-    let ok = Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
     assert!(ok, "{tool} is missing: install the Debian package {package} (scripts/install-test-deps.sh does)");
 }
 
@@ -77,9 +81,17 @@ fn compare(img: &Path, dir: &Path) {
     let _ = std::fs::remove_file(&ours);
     let _ = std::fs::remove_file(&theirs);
     let mut c = cv();
-    c.args(["image", "convert", "-O", "raw"]).arg(img).arg(&ours);
+    c.args(["image", "convert", "-O", "raw"])
+        .arg(img)
+        .arg(&ours);
     ok(c);
-    qemu_img(&["convert", "-O", "raw", img.to_str().unwrap(), theirs.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        img.to_str().unwrap(),
+        theirs.to_str().unwrap(),
+    ]);
     let a = std::fs::read(&ours).unwrap();
     let b = std::fs::read(&theirs).unwrap();
     assert_eq!(a.len(), b.len(), "{}: raw sizes differ", img.display());
@@ -90,7 +102,10 @@ fn compare(img: &Path, dir: &Path) {
     let mut c = cv();
     c.args(["image", "map", "--json"]).arg(img);
     let ours = classes(&ok(c).stdout, size);
-    let theirs = classes(&qemu_img(&["map", "--output=json", img.to_str().unwrap()]).stdout, size);
+    let theirs = classes(
+        &qemu_img(&["map", "--output=json", img.to_str().unwrap()]).stdout,
+        size,
+    );
     if let Some(i) = ours.iter().zip(&theirs).position(|(x, y)| x != y) {
         panic!(
             "{}: map differs at sector {i} (offset {:#x}): chainvault {:?}, qemu-img {:?}",
@@ -140,7 +155,14 @@ fn compressed_deflate_and_zstd() {
     let d = tmp();
     let src = filled(d.path(), "src.qcow2", "");
     let z = p(d.path(), "zlib.qcow2");
-    qemu_img(&["convert", "-c", "-O", "qcow2", src.to_str().unwrap(), z.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-O",
+        "qcow2",
+        src.to_str().unwrap(),
+        z.to_str().unwrap(),
+    ]);
     compare(&z, d.path());
     let zs = p(d.path(), "zstd.qcow2");
     qemu_img(&[
@@ -159,8 +181,18 @@ fn compressed_deflate_and_zstd() {
 #[test]
 fn extended_l2_and_zero_and_discard() {
     let d = tmp();
-    for opts in ["extended_l2=on", "extended_l2=on,cluster_size=128k", "cluster_size=4k", "cluster_size=2M", ""] {
-        let f = filled(d.path(), &format!("x{}.qcow2", opts.replace([',', '='], "_")), opts);
+    for opts in [
+        "extended_l2=on",
+        "extended_l2=on,cluster_size=128k",
+        "cluster_size=4k",
+        "cluster_size=2M",
+        "",
+    ] {
+        let f = filled(
+            d.path(),
+            &format!("x{}.qcow2", opts.replace([',', '='], "_")),
+            opts,
+        );
         compare(&f, d.path());
     }
 }
@@ -169,7 +201,11 @@ fn extended_l2_and_zero_and_discard() {
 fn refcount_widths() {
     let d = tmp();
     for bits in [1, 2, 4, 8, 16, 32, 64] {
-        let f = filled(d.path(), &format!("r{bits}.qcow2"), &format!("refcount_bits={bits}"));
+        let f = filled(
+            d.path(),
+            &format!("r{bits}.qcow2"),
+            &format!("refcount_bits={bits}"),
+        );
         compare(&f, d.path());
     }
 }
@@ -215,21 +251,39 @@ fn check_exit_codes_match_qemu_img() {
     // Leak a cluster: raise the refcount of the cluster just past the end of the file.
     let h = chainvault_qcow::chain::read_header(&f).unwrap();
     use std::os::unix::fs::FileExt;
-    let file = std::fs::OpenOptions::new().read(true).write(true).open(&f).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&f)
+        .unwrap();
     let mut e = [0u8; 8];
     file.read_exact_at(&mut e, h.refcount_table_offset).unwrap();
     let rb = u64::from_be_bytes(e);
     let len = file.metadata().unwrap().len();
     file.set_len(len + 65536).unwrap();
     let idx = len / 65536;
-    file.write_all_at(&1u16.to_be_bytes(), rb + idx * 2).unwrap();
+    file.write_all_at(&1u16.to_be_bytes(), rb + idx * 2)
+        .unwrap();
     drop(file);
-    let q = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&f).output().unwrap();
+    let q = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&f)
+        .output()
+        .unwrap();
     assert_eq!(q.status.code(), Some(3));
     assert_eq!(code(cv().args(["image", "check"]).arg(&f)), 3);
     assert_eq!(code(cv().args(["image", "check", "--repair"]).arg(&f)), 0);
-    let q = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(&f).output().unwrap();
-    assert_eq!(q.status.code(), Some(0), "{}", String::from_utf8_lossy(&q.stdout));
+    let q = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(
+        q.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&q.stdout)
+    );
 }
 
 #[test]
@@ -237,14 +291,28 @@ fn create_info_and_bad_input() {
     let d = tmp();
     let base = p(d.path(), "base.qcow2");
     let mut c = cv();
-    c.args(["image", "create"]).arg(&base).args(["--size", "64M", "--cluster-size", "128K", "--extended-l2"]);
+    c.args(["image", "create"]).arg(&base).args([
+        "--size",
+        "64M",
+        "--cluster-size",
+        "128K",
+        "--extended-l2",
+    ]);
     ok(c);
     std::fs::create_dir(d.path().join("sub")).unwrap();
     let top = p(d.path(), "sub/top.qcow2");
     let mut c = cv();
-    c.args(["image", "create"]).arg(&top).arg("--backing").arg(&base);
+    c.args(["image", "create"])
+        .arg(&top)
+        .arg("--backing")
+        .arg(&base);
     ok(c);
-    let info = qemu_img(&["info", "--backing-chain", "--output=json", top.to_str().unwrap()]);
+    let info = qemu_img(&[
+        "info",
+        "--backing-chain",
+        "--output=json",
+        top.to_str().unwrap(),
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(v[0]["backing-filename"], "../base.qcow2");
     assert_eq!(v[0]["backing-filename-format"], "qcow2");
@@ -253,25 +321,42 @@ fn create_info_and_bad_input() {
     assert_eq!(v[1]["cluster-size"], 131072);
     // Our own info follows the chain when allowed to leave sub/.
     let mut c = cv();
-    c.args(["image", "info", "--json", "--backing-root"]).arg(d.path()).arg(&top);
+    c.args(["image", "info", "--json", "--backing-root"])
+        .arg(d.path())
+        .arg(&top);
     let ours: serde_json::Value = serde_json::from_slice(&ok(c).stdout).unwrap();
     assert_eq!(ours.as_array().unwrap().len(), 2);
     // ...and refuses by default, naming the file and why.
     let out = cv().args(["image", "info"]).arg(&top).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("top.qcow2") && err.contains("outside the allowed directory"), "{err}");
+    assert!(
+        err.contains("top.qcow2") && err.contains("outside the allowed directory"),
+        "{err}"
+    );
     // Bad sizes and cluster sizes are clear errors, not panics.
     for args in [
         vec!["--size", "12Q"],
         vec!["--size", "1G", "--cluster-size", "3000"],
         vec!["--size", "1G", "--cluster-size", "4K", "--extended-l2"],
     ] {
-        let out = cv().args(["image", "create"]).arg(p(d.path(), "bad.qcow2")).args(&args).output().unwrap();
-        assert_eq!(out.status.code(), Some(if args[1] == "12Q" { 2 } else { 1 }), "{args:?}");
+        let out = cv()
+            .args(["image", "create"])
+            .arg(p(d.path(), "bad.qcow2"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(if args[1] == "12Q" { 2 } else { 1 }),
+            "{args:?}"
+        );
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.contains("panicked"), "{err}");
-        assert!(err.contains("size") || err.contains("extended"), "{args:?}: {err}");
+        assert!(
+            err.contains("size") || err.contains("extended"),
+            "{args:?}: {err}"
+        );
     }
     // A file that is not an image at all.
     let junk = p(d.path(), "junk.qcow2");

@@ -26,7 +26,8 @@ async fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     let mut args = std::env::args().skip(1);
-    let (mut socket, mut tcp, mut file, mut mem, mut name, mut read_only) = (None, None, None, None, String::new(), false);
+    let (mut socket, mut tcp, mut file, mut mem, mut name, mut read_only) =
+        (None, None, None, None, String::new(), false);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--socket" => socket = args.next(),

@@ -23,8 +23,8 @@ use tokio::task::JoinHandle;
 
 use crate::export::Extent;
 use crate::proto::{
-    self, cflag, cmd, info, opt, rep, reply_type, tflag, Cookie, HeaderMode, NbdErrno, ReplyHeader, RequestHeader,
-    MAX_STRING_LEN,
+    self, cflag, cmd, info, opt, rep, reply_type, tflag, Cookie, HeaderMode, NbdErrno, ReplyHeader,
+    RequestHeader, MAX_STRING_LEN,
 };
 
 /// Default NBD TCP port.
@@ -162,7 +162,9 @@ fn percent_decode(s: &str) -> Option<String> {
 fn percent_encode(s: &str, keep_slash: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for &c in s.as_bytes() {
-        let keep = c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') || (keep_slash && c == b'/');
+        let keep = c.is_ascii_alphanumeric()
+            || matches!(c, b'-' | b'.' | b'_' | b'~')
+            || (keep_slash && c == b'/');
         if keep {
             out.push(c as char);
         } else {
@@ -176,7 +178,9 @@ impl FromStr for NbdUri {
     type Err = ClientError;
 
     fn from_str(uri: &str) -> Result<Self, Self::Err> {
-        let (scheme, rest) = uri.split_once("://").ok_or_else(|| uri_err(uri, "missing scheme"))?;
+        let (scheme, rest) = uri
+            .split_once("://")
+            .ok_or_else(|| uri_err(uri, "missing scheme"))?;
         let (rest, query) = match rest.split_once('?') {
             Some((r, q)) => (r, Some(q)),
             None => (rest, None),
@@ -186,7 +190,8 @@ impl FromStr for NbdUri {
             Some(i) => (&rest[..i], &rest[i + 1..]),
             None => (rest, ""),
         };
-        let export = percent_decode(path).ok_or_else(|| uri_err(uri, "bad percent-encoding in the export name"))?;
+        let export = percent_decode(path)
+            .ok_or_else(|| uri_err(uri, "bad percent-encoding in the export name"))?;
         if export.len() > MAX_STRING_LEN {
             return Err(uri_err(uri, "export name longer than 4096 bytes"));
         }
@@ -208,7 +213,9 @@ impl FromStr for NbdUri {
                     return Err(uri_err(uri, "missing host"));
                 }
                 let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-                    let (h, after) = v6.split_once(']').ok_or_else(|| uri_err(uri, "unterminated IPv6 address"))?;
+                    let (h, after) = v6
+                        .split_once(']')
+                        .ok_or_else(|| uri_err(uri, "unterminated IPv6 address"))?;
                     let port = match after.strip_prefix(':') {
                         Some(p) => p.parse().map_err(|_| uri_err(uri, "bad port"))?,
                         None if after.is_empty() => DEFAULT_PORT,
@@ -217,7 +224,10 @@ impl FromStr for NbdUri {
                     (h.to_string(), port)
                 } else {
                     match authority.rsplit_once(':') {
-                        Some((h, p)) => (h.to_string(), p.parse().map_err(|_| uri_err(uri, "bad port"))?),
+                        Some((h, p)) => (
+                            h.to_string(),
+                            p.parse().map_err(|_| uri_err(uri, "bad port"))?,
+                        ),
                         None => (authority.to_string(), DEFAULT_PORT),
                     }
                 };
@@ -228,7 +238,10 @@ impl FromStr for NbdUri {
             }
             "nbd+unix" => {
                 if !authority.is_empty() {
-                    return Err(uri_err(uri, "nbd+unix URIs have no host (use nbd+unix:///export?socket=PATH)"));
+                    return Err(uri_err(
+                        uri,
+                        "nbd+unix URIs have no host (use nbd+unix:///export?socket=PATH)",
+                    ));
                 }
                 let socket = params
                     .iter()
@@ -454,7 +467,9 @@ pub struct Client {
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Client").field("info", &self.inner.info).finish()
+        f.debug_struct("Client")
+            .field("info", &self.inner.info)
+            .finish()
     }
 }
 
@@ -464,26 +479,39 @@ impl Drop for Client {
     }
 }
 
-async fn read_option_reply<R: AsyncRead + Unpin>(r: &mut R, expect: u32) -> Result<(u32, Vec<u8>), ClientError> {
+async fn read_option_reply<R: AsyncRead + Unpin>(
+    r: &mut R,
+    expect: u32,
+) -> Result<(u32, Vec<u8>), ClientError> {
     let magic = r.read_u64().await?;
     if magic != proto::OPTION_REPLY_MAGIC {
-        return Err(ClientError::Protocol(format!("bad option reply magic {magic:#x}")));
+        return Err(ClientError::Protocol(format!(
+            "bad option reply magic {magic:#x}"
+        )));
     }
     let option = r.read_u32().await?;
     if option != expect {
-        return Err(ClientError::Protocol(format!("reply for option {option}, expected {expect}")));
+        return Err(ClientError::Protocol(format!(
+            "reply for option {option}, expected {expect}"
+        )));
     }
     let rtype = r.read_u32().await?;
     let len = r.read_u32().await?;
     if len > MAX_OPTION_REPLY {
-        return Err(ClientError::Protocol(format!("option reply of {len} bytes")));
+        return Err(ClientError::Protocol(format!(
+            "option reply of {len} bytes"
+        )));
     }
     let mut data = vec![0u8; len as usize];
     r.read_exact(&mut data).await?;
     Ok((rtype, data))
 }
 
-async fn send_option<W: AsyncWrite + Unpin>(w: &mut W, option: u32, data: &[u8]) -> Result<(), ClientError> {
+async fn send_option<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    option: u32,
+    data: &[u8],
+) -> Result<(), ClientError> {
     let mut b = Vec::with_capacity(16 + data.len());
     b.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
     b.extend_from_slice(&option.to_be_bytes());
@@ -511,15 +539,21 @@ fn put_string(b: &mut Vec<u8>, s: &str) {
 async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<(), ClientError> {
     let magic = s.read_u64().await?;
     if magic != proto::NBD_MAGIC {
-        return Err(ClientError::Protocol("not an NBD server (bad magic)".into()));
+        return Err(ClientError::Protocol(
+            "not an NBD server (bad magic)".into(),
+        ));
     }
     let style = s.read_u64().await?;
     if style != proto::IHAVEOPT {
-        return Err(ClientError::Protocol("server does not speak newstyle negotiation".into()));
+        return Err(ClientError::Protocol(
+            "server does not speak newstyle negotiation".into(),
+        ));
     }
     let flags = s.read_u16().await?;
     if flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
-        return Err(ClientError::Protocol("server does not speak fixed newstyle negotiation".into()));
+        return Err(ClientError::Protocol(
+            "server does not speak fixed newstyle negotiation".into(),
+        ));
     }
     let mut cf = proto::FLAG_C_FIXED_NEWSTYLE;
     if flags & proto::FLAG_NO_ZEROES != 0 {
@@ -563,15 +597,25 @@ impl AsyncRead for Joined<'_> {
 }
 
 impl AsyncWrite for Joined<'_> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.w.as_mut().poll_write(cx, buf)
     }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         let this = self.get_mut();
         this.w.as_mut().poll_flush(cx)
     }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    fn poll_shutdown(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         let this = self.get_mut();
         this.w.as_mut().poll_shutdown(cx)
     }
@@ -581,7 +625,10 @@ impl AsyncWrite for Joined<'_> {
 /// (name, description) pairs.
 pub async fn list_exports(transport: &Transport) -> Result<Vec<(String, String)>, ClientError> {
     let (mut r, mut w) = connect_stream_box(transport).await?;
-    let mut s = Joined { r: &mut r, w: &mut w };
+    let mut s = Joined {
+        r: &mut r,
+        w: &mut w,
+    };
     greet(&mut s).await?;
     send_option(&mut s, opt::LIST, &[]).await?;
     let mut out = Vec::new();
@@ -626,17 +673,30 @@ impl Client {
     }
 
     /// Connect over TCP.
-    pub async fn connect_tcp(host: &str, port: u16, export: &str, opts: ConnectOptions) -> Result<Client, ClientError> {
+    pub async fn connect_tcp(
+        host: &str,
+        port: u16,
+        export: &str,
+        opts: ConnectOptions,
+    ) -> Result<Client, ClientError> {
         Client::connect_uri(&NbdUri::tcp(host, port, export), opts).await
     }
 
     /// Connect over a unix socket.
-    pub async fn connect_unix(path: impl AsRef<Path>, export: &str, opts: ConnectOptions) -> Result<Client, ClientError> {
+    pub async fn connect_unix(
+        path: impl AsRef<Path>,
+        export: &str,
+        opts: ConnectOptions,
+    ) -> Result<Client, ClientError> {
         Client::connect_uri(&NbdUri::unix(path.as_ref(), export), opts).await
     }
 
     /// Run the handshake over any byte stream (e.g. `tokio::io::duplex`).
-    pub async fn connect_stream<S>(stream: S, export: &str, opts: ConnectOptions) -> Result<Client, ClientError>
+    pub async fn connect_stream<S>(
+        stream: S,
+        export: &str,
+        opts: ConnectOptions,
+    ) -> Result<Client, ClientError>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -644,11 +704,21 @@ impl Client {
         Client::handshake(Box::pin(r), Box::pin(w), export, opts).await
     }
 
-    async fn handshake(mut r: BoxRead, mut w: BoxWrite, export: &str, opts: ConnectOptions) -> Result<Client, ClientError> {
+    async fn handshake(
+        mut r: BoxRead,
+        mut w: BoxWrite,
+        export: &str,
+        opts: ConnectOptions,
+    ) -> Result<Client, ClientError> {
         if export.len() > MAX_STRING_LEN {
-            return Err(ClientError::Protocol("export name longer than 4096 bytes".into()));
+            return Err(ClientError::Protocol(
+                "export name longer than 4096 bytes".into(),
+            ));
         }
-        let mut s = Joined { r: &mut r, w: &mut w };
+        let mut s = Joined {
+            r: &mut r,
+            w: &mut w,
+        };
         greet(&mut s).await?;
         let mut mode = HeaderMode::Simple;
         if opts.extended_headers {
@@ -719,9 +789,12 @@ impl Client {
                             got_export = true;
                         }
                         info::NAME => info.name = String::from_utf8_lossy(p).into_owned(),
-                        info::DESCRIPTION => info.description = Some(String::from_utf8_lossy(p).into_owned()),
+                        info::DESCRIPTION => {
+                            info.description = Some(String::from_utf8_lossy(p).into_owned())
+                        }
                         info::BLOCK_SIZE if p.len() == 12 => {
-                            let g = |i: usize| u32::from_be_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
+                            let g =
+                                |i: usize| u32::from_be_bytes([p[i], p[i + 1], p[i + 2], p[i + 3]]);
                             info.block_sizes = Some((g(0), g(4), g(8)));
                         }
                         _ => {}
@@ -733,7 +806,9 @@ impl Client {
             }
         }
         if !got_export {
-            return Err(ClientError::Protocol("server did not send NBD_INFO_EXPORT".into()));
+            return Err(ClientError::Protocol(
+                "server did not send NBD_INFO_EXPORT".into(),
+            ));
         }
         let inner = Arc::new(Inner {
             writer: tokio::sync::Mutex::new(w),
@@ -741,7 +816,10 @@ impl Client {
             next_cookie: AtomicU64::new(1),
             info,
         });
-        let reader = tokio::spawn(reader_task(BufReader::with_capacity(256 * 1024, r), Arc::clone(&inner)));
+        let reader = tokio::spawn(reader_task(
+            BufReader::with_capacity(256 * 1024, r),
+            Arc::clone(&inner),
+        ));
         Ok(Client { inner, reader })
     }
 
@@ -796,9 +874,9 @@ impl Client {
             match self.inner.info.mode {
                 HeaderMode::Extended => w.write_all(&h.encode_extended()).await?,
                 _ => {
-                    let b = h
-                        .encode_compact()
-                        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "length needs extended headers"))?;
+                    let b = h.encode_compact().ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidInput, "length needs extended headers")
+                    })?;
                     w.write_all(&b).await?
                 }
             }
@@ -830,7 +908,9 @@ impl Client {
         if payload.is_some() && self.inner.info.mode == HeaderMode::Extended {
             flags |= cflag::PAYLOAD_LEN;
         }
-        let r = self.raw_request(command, flags, offset, length, payload).await?;
+        let r = self
+            .raw_request(command, flags, offset, length, payload)
+            .await?;
         if let Some((errno, message)) = r.error {
             return Err(ClientError::Server { errno, message });
         }
@@ -847,14 +927,24 @@ impl Client {
         let mut done = 0u64;
         while done < len {
             let n = max.min(len - done);
-            out.extend_from_slice(&self.request(cmd::READ, 0, offset + done, n, None).await?.data);
+            out.extend_from_slice(
+                &self
+                    .request(cmd::READ, 0, offset + done, n, None)
+                    .await?
+                    .data,
+            );
             done += n;
         }
         Ok(out)
     }
 
     /// Read with the structured chunks visible; `df` sets NBD_CMD_FLAG_DF.
-    pub async fn read_chunks(&self, offset: u64, len: u64, df: bool) -> Result<ReadReply, ClientError> {
+    pub async fn read_chunks(
+        &self,
+        offset: u64,
+        len: u64,
+        df: bool,
+    ) -> Result<ReadReply, ClientError> {
         if df && !self.inner.info.can_df() {
             return Err(ClientError::Unsupported("NBD_CMD_FLAG_DF"));
         }
@@ -877,12 +967,14 @@ impl Client {
         let flags = if fua { cflag::FUA } else { 0 };
         let max = self.inner.info.max_payload() as usize;
         if data.is_empty() {
-            self.request(cmd::WRITE, flags, offset, 0, Some(&[])).await?;
+            self.request(cmd::WRITE, flags, offset, 0, Some(&[]))
+                .await?;
             return Ok(());
         }
         for (i, piece) in data.chunks(max).enumerate() {
             let off = offset + (i * max) as u64;
-            self.request(cmd::WRITE, flags, off, piece.len() as u64, Some(piece)).await?;
+            self.request(cmd::WRITE, flags, off, piece.len() as u64, Some(piece))
+                .await?;
         }
         Ok(())
     }
@@ -913,7 +1005,12 @@ impl Client {
     }
 
     /// Write zeroes.
-    pub async fn write_zeroes(&self, offset: u64, len: u64, z: ZeroRequest) -> Result<(), ClientError> {
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        z: ZeroRequest,
+    ) -> Result<(), ClientError> {
         if !self.inner.info.can_zero() {
             return Err(ClientError::Unsupported("write zeroes"));
         }
@@ -930,14 +1027,24 @@ impl Client {
         if z.fua {
             flags |= cflag::FUA;
         }
-        self.request_ranged(cmd::WRITE_ZEROES, flags, offset, len).await
+        self.request_ranged(cmd::WRITE_ZEROES, flags, offset, len)
+            .await
     }
 
     /// Commands without payload; split into 32-bit pieces without extended
     /// headers.
-    async fn request_ranged(&self, command: u16, flags: u16, offset: u64, len: u64) -> Result<(), ClientError> {
+    async fn request_ranged(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), ClientError> {
         if self.inner.info.mode == HeaderMode::Extended || len <= u64::from(u32::MAX) {
-            return self.request(command, flags, offset, len, None).await.map(|_| ());
+            return self
+                .request(command, flags, offset, len, None)
+                .await
+                .map(|_| ());
         }
         let step = u64::from(u32::MAX) & !0xfff;
         let mut done = 0u64;
@@ -950,9 +1057,16 @@ impl Client {
     }
 
     /// Block status for every negotiated context, by context name.
-    pub async fn block_status(&self, offset: u64, len: u64, req_one: bool) -> Result<Vec<(String, Vec<Extent>)>, ClientError> {
+    pub async fn block_status(
+        &self,
+        offset: u64,
+        len: u64,
+        req_one: bool,
+    ) -> Result<Vec<(String, Vec<Extent>)>, ClientError> {
         if self.inner.info.contexts.is_empty() {
-            return Err(ClientError::Unsupported("block status (no metadata context negotiated)"));
+            return Err(ClientError::Unsupported(
+                "block status (no metadata context negotiated)",
+            ));
         }
         let len = if self.inner.info.mode == HeaderMode::Extended {
             len
@@ -960,7 +1074,9 @@ impl Client {
             len.min(u64::from(u32::MAX) & !0xfff).max(1)
         };
         let flags = if req_one { cflag::REQ_ONE } else { 0 };
-        let r = self.request(cmd::BLOCK_STATUS, flags, offset, len, None).await?;
+        let r = self
+            .request(cmd::BLOCK_STATUS, flags, offset, len, None)
+            .await?;
         let mut out = Vec::new();
         for (id, ext) in r.status {
             let name = self
@@ -970,7 +1086,9 @@ impl Client {
                 .iter()
                 .find(|(i, _)| *i == id)
                 .map(|(_, n)| n.clone())
-                .ok_or_else(|| ClientError::Protocol(format!("block status for unknown context id {id}")))?;
+                .ok_or_else(|| {
+                    ClientError::Protocol(format!("block status for unknown context id {id}"))
+                })?;
             out.push((name, ext));
         }
         Ok(out)
@@ -1027,7 +1145,10 @@ async fn reader_task<R: AsyncRead + Unpin>(mut r: R, inner: Arc<Inner>) {
     fail_all(&inner, why);
 }
 
-async fn read_reply_header<R: AsyncRead + Unpin>(r: &mut R, mode: HeaderMode) -> Result<Option<ReplyHeader>, ClientError> {
+async fn read_reply_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+    mode: HeaderMode,
+) -> Result<Option<ReplyHeader>, ClientError> {
     let mut m = [0u8; 4];
     let n = r.read(&mut m).await?;
     if n == 0 {
@@ -1068,7 +1189,9 @@ async fn read_reply_header<R: AsyncRead + Unpin>(r: &mut R, mode: HeaderMode) ->
                 length,
             }))
         }
-        other => Err(ClientError::Protocol(format!("unexpected reply magic {other:#010x}"))),
+        other => Err(ClientError::Protocol(format!(
+            "unexpected reply magic {other:#010x}"
+        ))),
     }
 }
 
@@ -1089,17 +1212,17 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, inner: &Inner) -> Result<
         };
         match h {
             ReplyHeader::Simple { error, cookie } => {
-                let mut p = inner
-                    .lock_pending()
-                    .map
-                    .remove(&cookie.0)
-                    .ok_or_else(|| ClientError::Protocol(format!("reply for unknown cookie {}", cookie.0)))?;
+                let mut p = inner.lock_pending().map.remove(&cookie.0).ok_or_else(|| {
+                    ClientError::Protocol(format!("reply for unknown cookie {}", cookie.0))
+                })?;
                 p.reply.simple = true;
                 if error != 0 {
                     p.reply.error = Some((NbdErrno(error), String::new()));
                 } else if p.command == cmd::READ {
                     if mode.structured() {
-                        return Err(ClientError::Protocol("simple reply to a read with structured replies".into()));
+                        return Err(ClientError::Protocol(
+                            "simple reply to a read with structured replies".into(),
+                        ));
                     }
                     ensure_read_buffer(&mut p)?;
                     r.read_exact(&mut p.reply.data).await?;
@@ -1115,21 +1238,25 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, inner: &Inner) -> Result<
             } => {
                 let mut pending = inner.lock_pending().map.remove(&cookie.0);
                 let Some(p) = pending.as_mut() else {
-                    return Err(ClientError::Protocol(format!("chunk for unknown cookie {}", cookie.0)));
+                    return Err(ClientError::Protocol(format!(
+                        "chunk for unknown cookie {}",
+                        cookie.0
+                    )));
                 };
                 handle_chunk(r, p, rt, length).await?;
                 let p = pending.take();
                 if let Some(mut p) = p {
                     if flags & proto::REPLY_FLAG_DONE != 0 {
                         if p.command == cmd::READ && p.reply.error.is_none() {
-                            let covered: u64 = p
-                                .reply
-                                .chunks
-                                .iter()
-                                .map(|c| match c {
-                                    ReadChunk::Data { len, .. } | ReadChunk::Hole { len, .. } => *len,
-                                })
-                                .sum();
+                            let covered: u64 =
+                                p.reply
+                                    .chunks
+                                    .iter()
+                                    .map(|c| match c {
+                                        ReadChunk::Data { len, .. }
+                                        | ReadChunk::Hole { len, .. } => *len,
+                                    })
+                                    .sum();
                             if covered != p.len {
                                 p.reply.error = Some((
                                     NbdErrno::EIO,
@@ -1154,13 +1281,21 @@ fn ensure_read_buffer(p: &mut Pending) -> Result<(), ClientError> {
         return Ok(());
     }
     if p.len > MAX_CHUNK_EXTRA {
-        return Err(ClientError::Protocol(format!("server sent data for a {}-byte read", p.len)));
+        return Err(ClientError::Protocol(format!(
+            "server sent data for a {}-byte read",
+            p.len
+        )));
     }
     p.reply.data = vec![0u8; p.len as usize];
     Ok(())
 }
 
-async fn handle_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, rt: u16, length: u64) -> Result<(), ClientError> {
+async fn handle_chunk<R: AsyncRead + Unpin>(
+    r: &mut R,
+    p: &mut Pending,
+    rt: u16,
+    length: u64,
+) -> Result<(), ClientError> {
     let bad = |m: &str| ClientError::Protocol(m.to_string());
     match rt {
         reply_type::NONE => {
@@ -1174,14 +1309,20 @@ async fn handle_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, rt: u16,
             }
             let off = r.read_u64().await?;
             let n = length - 8;
-            let end = off.checked_add(n).ok_or_else(|| bad("data chunk overflows"))?;
+            let end = off
+                .checked_add(n)
+                .ok_or_else(|| bad("data chunk overflows"))?;
             if off < p.offset || end > p.offset.saturating_add(p.len) {
                 return Err(bad("data chunk outside the request"));
             }
             ensure_read_buffer(p)?;
             let from = (off - p.offset) as usize;
-            r.read_exact(&mut p.reply.data[from..from + n as usize]).await?;
-            p.reply.chunks.push(ReadChunk::Data { offset: off, len: n });
+            r.read_exact(&mut p.reply.data[from..from + n as usize])
+                .await?;
+            p.reply.chunks.push(ReadChunk::Data {
+                offset: off,
+                len: n,
+            });
         }
         reply_type::OFFSET_HOLE => {
             if p.command != cmd::READ || length != 12 {
@@ -1189,14 +1330,19 @@ async fn handle_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, rt: u16,
             }
             let off = r.read_u64().await?;
             let n = u64::from(r.read_u32().await?);
-            let end = off.checked_add(n).ok_or_else(|| bad("hole chunk overflows"))?;
+            let end = off
+                .checked_add(n)
+                .ok_or_else(|| bad("hole chunk overflows"))?;
             if n == 0 || off < p.offset || end > p.offset.saturating_add(p.len) {
                 return Err(bad("hole chunk outside the request"));
             }
             ensure_read_buffer(p)?;
             let from = (off - p.offset) as usize;
             p.reply.data[from..from + n as usize].fill(0);
-            p.reply.chunks.push(ReadChunk::Hole { offset: off, len: n });
+            p.reply.chunks.push(ReadChunk::Hole {
+                offset: off,
+                len: n,
+            });
         }
         reply_type::BLOCK_STATUS | reply_type::BLOCK_STATUS_EXT => {
             if p.command != cmd::BLOCK_STATUS || length > MAX_CHUNK_EXTRA {
@@ -1231,7 +1377,9 @@ async fn handle_chunk<R: AsyncRead + Unpin>(r: &mut R, p: &mut Pending, rt: u16,
             r.read_exact(&mut b).await?;
             let errno = be32(&b, 0);
             let mlen = usize::from(u16::from_be_bytes([b[4], b[5]]));
-            let msg = b.get(6..6 + mlen).ok_or_else(|| bad("error message overruns the chunk"))?;
+            let msg = b
+                .get(6..6 + mlen)
+                .ok_or_else(|| bad("error message overruns the chunk"))?;
             if p.reply.error.is_none() {
                 p.reply.error = Some((NbdErrno(errno), String::from_utf8_lossy(msg).into_owned()));
             }

@@ -276,7 +276,11 @@ impl FileExport {
     }
 
     /// Wrap an already opened file.
-    pub fn from_file(file: File, read_only: bool, description: impl Into<String>) -> io::Result<FileExport> {
+    pub fn from_file(
+        file: File,
+        read_only: bool,
+        description: impl Into<String>,
+    ) -> io::Result<FileExport> {
         let size = file_size(&file)?;
         Ok(FileExport {
             file,
@@ -293,8 +297,10 @@ impl FileExport {
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let l = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let l =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         loop {
             // SAFETY: fallocate on a valid fd with plain integer arguments.
             let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, l) };
@@ -310,7 +316,8 @@ impl FileExport {
     }
 
     fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
-        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: lseek on a valid fd. SEEK_DATA/SEEK_HOLE do not disturb
         // pread/pwrite, which carry their own offsets.
         let r = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
@@ -333,7 +340,10 @@ impl FileExport {
                 Ok(d) => d,
                 // Filesystem without SEEK_DATA: everything is data.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    out.push(Extent { length: end - pos, flags: 0 });
+                    out.push(Extent {
+                        length: end - pos,
+                        flags: 0,
+                    });
                     break;
                 }
                 Err(e) => return Err(e),
@@ -341,12 +351,18 @@ impl FileExport {
             match data {
                 None => {
                     // No data after pos: the rest is a hole.
-                    out.push(Extent { length: end - pos, flags: STATE_HOLE | STATE_ZERO });
+                    out.push(Extent {
+                        length: end - pos,
+                        flags: STATE_HOLE | STATE_ZERO,
+                    });
                     break;
                 }
                 Some(d) if d > pos => {
                     let hole_end = d.min(end);
-                    out.push(Extent { length: hole_end - pos, flags: STATE_HOLE | STATE_ZERO });
+                    out.push(Extent {
+                        length: hole_end - pos,
+                        flags: STATE_HOLE | STATE_ZERO,
+                    });
                     pos = hole_end;
                 }
                 Some(_) => {
@@ -354,7 +370,10 @@ impl FileExport {
                     // SEEK_HOLE always finds the implicit hole at EOF; guard
                     // against a non-advancing answer.
                     let data_end = if hole <= pos { end } else { hole.min(end) };
-                    out.push(Extent { length: data_end - pos, flags: 0 });
+                    out.push(Extent {
+                        length: data_end - pos,
+                        flags: 0,
+                    });
                     pos = data_end;
                 }
             }
@@ -439,22 +458,37 @@ impl BlockExport for FileExport {
             return Err(erofs());
         }
         let r = if flags.may_unmap {
-            self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
+            self.fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
         } else {
-            self.fallocate(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE, offset, len)
-                .or_else(|e| {
-                    if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-                        return Err(e);
-                    }
-                    // e.g. tmpfs: punch, then allocate the range again so it
-                    // stays provisioned as NO_HOLE requires.
-                    self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len)?;
-                    self.fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len)
-                })
+            self.fallocate(
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+            .or_else(|e| {
+                if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+                    return Err(e);
+                }
+                // e.g. tmpfs: punch, then allocate the range again so it
+                // stays provisioned as NO_HOLE requires.
+                self.fallocate(
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                )?;
+                self.fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len)
+            })
         };
         match r {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) || e.raw_os_error() == Some(libc::ENOSYS) => {
+            Err(e)
+                if e.raw_os_error() == Some(libc::EOPNOTSUPP)
+                    || e.raw_os_error() == Some(libc::ENOSYS) =>
+            {
                 if flags.fast {
                     return Err(enotsup());
                 }
@@ -464,7 +498,8 @@ impl BlockExport for FileExport {
                 let mut done = 0u64;
                 while done < len {
                     let n = CHUNK.min(len - done);
-                    self.file.write_all_at(&zeroes[..n as usize], offset + done)?;
+                    self.file
+                        .write_all_at(&zeroes[..n as usize], offset + done)?;
                     done += n;
                 }
             }
@@ -480,7 +515,11 @@ impl BlockExport for FileExport {
         if self.read_only {
             return Err(erofs());
         }
-        match self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) {
+        match self.fallocate(
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset,
+            len,
+        ) {
             Ok(()) => {}
             // Trim is advisory.
             Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
@@ -500,10 +539,14 @@ impl BlockExport for FileExport {
     }
 
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
-        let off = libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let l = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let l =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: advisory call on a valid fd.
-        let r = unsafe { libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED) };
+        let r = unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED)
+        };
         if r != 0 {
             return Err(io::Error::from_raw_os_error(r));
         }
@@ -674,7 +717,9 @@ impl MemExport {
         for_each_chunk(offset, data.len() as u64, |idx, in_chunk, pos, n| {
             let mut shard = lock(self.shard(idx));
             let len = self.chunk_len(idx);
-            let chunk = shard.entry(idx).or_insert_with(|| vec![0u8; len].into_boxed_slice());
+            let chunk = shard
+                .entry(idx)
+                .or_insert_with(|| vec![0u8; len].into_boxed_slice());
             chunk[in_chunk..in_chunk + n].copy_from_slice(&data[pos..pos + n]);
         });
         self.mark_dirty(offset, data.len() as u64);
@@ -749,7 +794,10 @@ impl MemExport {
         let last = (end - 1) / MEM_CHUNK;
         let bounds = |idx: u64| {
             let cstart = idx * MEM_CHUNK;
-            (offset.max(cstart), end.min(cstart + self.chunk_len(idx) as u64))
+            (
+                offset.max(cstart),
+                end.min(cstart + self.chunk_len(idx) as u64),
+            )
         };
         let (f, t) = bounds(first);
         self.zero_in_chunk(first, f, t, deallocate);
@@ -891,7 +939,11 @@ impl BlockExport for MemExport {
         let first = offset.div_ceil(MEM_CHUNK);
         // The export's last chunk may be short; it counts as whole when the
         // range reaches the end of the export.
-        let last_excl = if end == self.size { end.div_ceil(MEM_CHUNK) } else { end / MEM_CHUNK };
+        let last_excl = if end == self.size {
+            end.div_ceil(MEM_CHUNK)
+        } else {
+            end / MEM_CHUNK
+        };
         if last_excl > first {
             self.remove_chunks(first, last_excl - 1);
         }
@@ -931,7 +983,10 @@ impl BlockExport for MemExport {
             };
             match out.last_mut() {
                 Some(last) if last.flags == flags => last.length += next - pos,
-                _ => out.push(Extent { length: next - pos, flags }),
+                _ => out.push(Extent {
+                    length: next - pos,
+                    flags,
+                }),
             }
             pos = next;
         }
@@ -950,15 +1005,31 @@ mod tests {
         let mut b = [0u8; 6];
         m.read(MEM_CHUNK - 3, &mut b).unwrap();
         assert_eq!(b, [0, 1, 2, 3, 4, 0]);
-        let ext = m.block_status(0, m.size(), MetaContext::BaseAllocation).unwrap();
+        let ext = m
+            .block_status(0, m.size(), MetaContext::BaseAllocation)
+            .unwrap();
         assert_eq!(
             ext,
             vec![
-                Extent { length: 2 * MEM_CHUNK, flags: 0 },
-                Extent { length: 8 * MEM_CHUNK + 100, flags: STATE_HOLE | STATE_ZERO },
+                Extent {
+                    length: 2 * MEM_CHUNK,
+                    flags: 0
+                },
+                Extent {
+                    length: 8 * MEM_CHUNK + 100,
+                    flags: STATE_HOLE | STATE_ZERO
+                },
             ]
         );
-        m.write_zeroes(0, 2 * MEM_CHUNK, ZeroFlags { may_unmap: true, ..Default::default() }).unwrap();
+        m.write_zeroes(
+            0,
+            2 * MEM_CHUNK,
+            ZeroFlags {
+                may_unmap: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(!m.is_allocated(0));
         // Last partial chunk.
         m.write(10 * MEM_CHUNK + 99, &[9], false).unwrap();
@@ -989,10 +1060,20 @@ mod tests {
         let t = std::time::Instant::now();
         let m = MemExport::new_write_back(1 << 40);
         m.write(1 << 39, b"x", false).unwrap();
-        let ext = m.block_status(0, 1 << 40, MetaContext::BaseAllocation).unwrap();
+        let ext = m
+            .block_status(0, 1 << 40, MetaContext::BaseAllocation)
+            .unwrap();
         assert_eq!(ext.len(), 3, "{ext:?}");
         assert_eq!(ext.iter().map(|e| e.length).sum::<u64>(), 1 << 40);
-        m.write_zeroes(0, 1 << 40, ZeroFlags { may_unmap: true, ..Default::default() }).unwrap();
+        m.write_zeroes(
+            0,
+            1 << 40,
+            ZeroFlags {
+                may_unmap: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert!(!m.is_allocated(1 << 39));
         m.write(5, b"abc", false).unwrap();
         m.trim(0, 1 << 40, false).unwrap();
@@ -1004,8 +1085,17 @@ mod tests {
     #[test]
     fn mem_export_partial_zero_and_short_last_chunk() {
         let m = MemExport::new(2 * MEM_CHUNK + 10);
-        m.write(0, &vec![1u8; (2 * MEM_CHUNK + 10) as usize], false).unwrap();
-        m.write_zeroes(100, 2 * MEM_CHUNK - 100, ZeroFlags { may_unmap: true, ..Default::default() }).unwrap();
+        m.write(0, &vec![1u8; (2 * MEM_CHUNK + 10) as usize], false)
+            .unwrap();
+        m.write_zeroes(
+            100,
+            2 * MEM_CHUNK - 100,
+            ZeroFlags {
+                may_unmap: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut b = vec![9u8; (2 * MEM_CHUNK + 10) as usize];
         m.read(0, &mut b).unwrap();
         assert!(b[..100].iter().all(|&x| x == 1));
@@ -1027,16 +1117,35 @@ mod tests {
         drop(f);
         let e = FileExport::open(&p, false).unwrap();
         e.write(1 << 20, &[7u8; 4096], false).unwrap();
-        let ext = e.block_status(0, 8 << 20, MetaContext::BaseAllocation).unwrap();
+        let ext = e
+            .block_status(0, 8 << 20, MetaContext::BaseAllocation)
+            .unwrap();
         let total: u64 = ext.iter().map(|x| x.length).sum();
         assert_eq!(total, 8 << 20);
         assert!(ext.iter().any(|x| x.flags == 0));
         assert!(ext.iter().any(|x| x.flags == STATE_HOLE | STATE_ZERO));
-        e.write_zeroes(1 << 20, 4096, ZeroFlags { may_unmap: true, ..Default::default() }).unwrap();
+        e.write_zeroes(
+            1 << 20,
+            4096,
+            ZeroFlags {
+                may_unmap: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let mut b = vec![1u8; 4096];
         e.read(1 << 20, &mut b).unwrap();
         assert!(b.iter().all(|&x| x == 0));
-        e.write_zeroes(0, 4096, ZeroFlags { may_unmap: false, fast: true, fua: true }).unwrap();
+        e.write_zeroes(
+            0,
+            4096,
+            ZeroFlags {
+                may_unmap: false,
+                fast: true,
+                fua: true,
+            },
+        )
+        .unwrap();
         e.flush().unwrap();
     }
 }

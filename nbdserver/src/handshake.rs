@@ -139,7 +139,8 @@ impl<'a> Cursor<'a> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
     fn remaining(&self) -> usize {
         self.buf.len() - self.pos
@@ -150,12 +151,19 @@ impl<'a> Cursor<'a> {
         if len > MAX_STRING_LEN {
             return Err("string longer than 4096 bytes");
         }
-        let b = self.take(len).ok_or("string runs past the option payload")?;
+        let b = self
+            .take(len)
+            .ok_or("string runs past the option payload")?;
         std::str::from_utf8(b).map_err(|_| "string is not valid UTF-8")
     }
 }
 
-async fn send_reply<S: AsyncWrite + Unpin>(s: &mut S, option: u32, reply_type: u32, data: &[u8]) -> io::Result<()> {
+async fn send_reply<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    reply_type: u32,
+    data: &[u8],
+) -> io::Result<()> {
     let mut b = Vec::with_capacity(20 + data.len());
     b.extend_from_slice(&proto::OPTION_REPLY_MAGIC.to_be_bytes());
     b.extend_from_slice(&option.to_be_bytes());
@@ -166,9 +174,25 @@ async fn send_reply<S: AsyncWrite + Unpin>(s: &mut S, option: u32, reply_type: u
     s.write_all(&b).await
 }
 
-async fn send_error<S: AsyncWrite + Unpin>(s: &mut S, option: u32, reply_type: u32, msg: &str) -> io::Result<()> {
-    debug!(option = opt::name(option), reply = reply_type & !rep::ERR_BIT, msg, "option refused");
-    send_reply(s, option, reply_type, proto::truncate_message(msg).as_bytes()).await?;
+async fn send_error<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    reply_type: u32,
+    msg: &str,
+) -> io::Result<()> {
+    debug!(
+        option = opt::name(option),
+        reply = reply_type & !rep::ERR_BIT,
+        msg,
+        "option refused"
+    );
+    send_reply(
+        s,
+        option,
+        reply_type,
+        proto::truncate_message(msg).as_bytes(),
+    )
+    .await?;
     s.flush().await
 }
 
@@ -184,7 +208,10 @@ async fn discard<S: AsyncRead + Unpin>(s: &mut S, mut n: u64) -> io::Result<()> 
 
 /// Run the handshake on `s`. Returns `Ok(None)` when the client aborted or
 /// hung up cleanly before choosing an export.
-pub(crate) async fn negotiate<S>(s: &mut S, shared: &Shared) -> Result<Option<Negotiated>, HandshakeError>
+pub(crate) async fn negotiate<S>(
+    s: &mut S,
+    shared: &Shared,
+) -> Result<Option<Negotiated>, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -224,7 +251,9 @@ where
             return Ok(None);
         }
         s.read_exact(&mut head[first..]).await?;
-        let magic = u64::from_be_bytes([head[0], head[1], head[2], head[3], head[4], head[5], head[6], head[7]]);
+        let magic = u64::from_be_bytes([
+            head[0], head[1], head[2], head[3], head[4], head[5], head[6], head[7],
+        ]);
         if magic != proto::IHAVEOPT {
             return Err(HandshakeError::BadOptionMagic(magic));
         }
@@ -283,7 +312,13 @@ where
             }
             opt::STRUCTURED_REPLY => {
                 if !data.is_empty() {
-                    send_error(s, option, rep::ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data").await?;
+                    send_error(
+                        s,
+                        option,
+                        rep::ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )
+                    .await?;
                 } else if st.mode == HeaderMode::Extended {
                     send_error(
                         s,
@@ -300,7 +335,13 @@ where
             }
             opt::EXTENDED_HEADERS => {
                 if !data.is_empty() {
-                    send_error(s, option, rep::ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data").await?;
+                    send_error(
+                        s,
+                        option,
+                        rep::ERR_INVALID,
+                        "NBD_OPT_EXTENDED_HEADERS takes no data",
+                    )
+                    .await?;
                 } else {
                     st.mode = HeaderMode::Extended;
                     send_reply(s, option, rep::ACK, &[]).await?;
@@ -328,7 +369,12 @@ where
     }
 }
 
-fn negotiated(entry: Arc<ExportEntry>, export: &dyn BlockExport, st: &State, shared: &Shared) -> Negotiated {
+fn negotiated(
+    entry: Arc<ExportEntry>,
+    export: &dyn BlockExport,
+    st: &State,
+    shared: &Shared,
+) -> Negotiated {
     let caps = export.capabilities();
     let contexts = match &st.meta {
         Some((name, ctxs)) if *name == entry.name => ctxs
@@ -349,17 +395,25 @@ fn negotiated(entry: Arc<ExportEntry>, export: &dyn BlockExport, st: &State, sha
     }
 }
 
-async fn export_name<S>(s: &mut S, shared: &Shared, st: &State, data: &[u8]) -> Result<Negotiated, HandshakeError>
+async fn export_name<S>(
+    s: &mut S,
+    shared: &Shared,
+    st: &State,
+    data: &[u8],
+) -> Result<Negotiated, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     if st.mode == HeaderMode::Extended {
-        return Err(HandshakeError::BadExportName("used after extended headers were negotiated"));
+        return Err(HandshakeError::BadExportName(
+            "used after extended headers were negotiated",
+        ));
     }
     if data.len() > MAX_STRING_LEN {
         return Err(HandshakeError::BadExportName("name too long"));
     }
-    let name = std::str::from_utf8(data).map_err(|_| HandshakeError::BadExportName("name is not UTF-8"))?;
+    let name = std::str::from_utf8(data)
+        .map_err(|_| HandshakeError::BadExportName("name is not UTF-8"))?;
     let entry = shared
         .lookup(name)
         .ok_or_else(|| HandshakeError::UnknownExport(name.to_string()))?;
@@ -397,11 +451,23 @@ where
         }
     };
     let Some(nreq) = c.u16() else {
-        send_error(s, option, rep::ERR_INVALID, "missing information request count").await?;
+        send_error(
+            s,
+            option,
+            rep::ERR_INVALID,
+            "missing information request count",
+        )
+        .await?;
         return Ok(None);
     };
     if c.remaining() != usize::from(nreq) * 2 {
-        send_error(s, option, rep::ERR_INVALID, "information request list has the wrong length").await?;
+        send_error(
+            s,
+            option,
+            rep::ERR_INVALID,
+            "information request list has the wrong length",
+        )
+        .await?;
         return Ok(None);
     }
     let mut requests = Vec::with_capacity(usize::from(nreq));
@@ -412,7 +478,13 @@ where
     }
     let found = shared.lookup(name).and_then(|e| e.export().map(|x| (e, x)));
     let Some((entry, export)) = found else {
-        send_error(s, option, rep::ERR_UNKNOWN, &format!("export {name:?} not found")).await?;
+        send_error(
+            s,
+            option,
+            rep::ERR_UNKNOWN,
+            &format!("export {name:?} not found"),
+        )
+        .await?;
         return Ok(None);
     };
     let n = negotiated(entry, export.as_ref(), st, shared);
@@ -455,13 +527,23 @@ where
 fn list_matches(query: &str, caps: &Capabilities) -> Vec<MetaContext> {
     let candidates = MetaContext::ALL.into_iter().filter(|c| caps.supports(*c));
     match query {
-        "base:" => candidates.filter(|c| c.name().starts_with("base:")).collect(),
-        "qemu:" => candidates.filter(|c| c.name().starts_with("qemu:")).collect(),
+        "base:" => candidates
+            .filter(|c| c.name().starts_with("base:"))
+            .collect(),
+        "qemu:" => candidates
+            .filter(|c| c.name().starts_with("qemu:"))
+            .collect(),
         q => candidates.filter(|c| c.name() == q).collect(),
     }
 }
 
-async fn meta_context<S>(s: &mut S, shared: &Shared, st: &mut State, option: u32, data: &[u8]) -> io::Result<()>
+async fn meta_context<S>(
+    s: &mut S,
+    shared: &Shared,
+    st: &mut State,
+    option: u32,
+    data: &[u8],
+) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -471,7 +553,13 @@ where
         st.meta = None;
     }
     if !st.mode.structured() {
-        return send_error(s, option, rep::ERR_INVALID, "structured replies must be negotiated first").await;
+        return send_error(
+            s,
+            option,
+            rep::ERR_INVALID,
+            "structured replies must be negotiated first",
+        )
+        .await;
     }
     let mut c = Cursor::new(data);
     let name = match c.string() {
@@ -483,7 +571,13 @@ where
     };
     // Each query needs at least its 4-byte length, which bounds the count.
     if nq as usize > c.remaining() / 4 {
-        return send_error(s, option, rep::ERR_INVALID, "query count exceeds the option payload").await;
+        return send_error(
+            s,
+            option,
+            rep::ERR_INVALID,
+            "query count exceeds the option payload",
+        )
+        .await;
     }
     let mut queries = Vec::with_capacity(nq as usize);
     for _ in 0..nq {
@@ -493,10 +587,22 @@ where
         }
     }
     if c.remaining() != 0 {
-        return send_error(s, option, rep::ERR_INVALID, "trailing bytes after the queries").await;
+        return send_error(
+            s,
+            option,
+            rep::ERR_INVALID,
+            "trailing bytes after the queries",
+        )
+        .await;
     }
     let Some(export) = shared.lookup(name).and_then(|e| e.export()) else {
-        return send_error(s, option, rep::ERR_UNKNOWN, &format!("export {name:?} not found")).await;
+        return send_error(
+            s,
+            option,
+            rep::ERR_UNKNOWN,
+            &format!("export {name:?} not found"),
+        )
+        .await;
     };
     let caps = export.capabilities();
 
@@ -510,7 +616,10 @@ where
             }
         }
     } else if queries.is_empty() {
-        chosen = MetaContext::ALL.into_iter().filter(|c| caps.supports(*c)).collect();
+        chosen = MetaContext::ALL
+            .into_iter()
+            .filter(|c| caps.supports(*c))
+            .collect();
     } else {
         for q in &queries {
             for ctx in list_matches(q, &caps) {

@@ -35,6 +35,8 @@ pub mod testing;
 pub mod transmission;
 
 pub use client::{Client, ClientError, ConnectOptions, NbdUri};
-pub use export::{BlockExport, BlockSizes, Capabilities, Extent, FileExport, MemExport, MetaContext, ZeroFlags};
+pub use export::{
+    BlockExport, BlockSizes, Capabilities, Extent, FileExport, MemExport, MetaContext, ZeroFlags,
+};
 pub use proto::NbdErrno;
 pub use server::{ConnectionError, ListenAddr, Server, ServerConfig, ServerError, ShutdownReport};

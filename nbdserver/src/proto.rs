@@ -601,7 +601,10 @@ mod tests {
         assert_eq!(NbdErrno::from_io(&e), NbdErrno::ENOTSUP);
         let e = std::io::Error::other("x");
         assert_eq!(NbdErrno::from_io(&e), NbdErrno::EIO);
-        assert_eq!(NbdErrno::ESHUTDOWN.to_io().raw_os_error(), Some(libc::ESHUTDOWN));
+        assert_eq!(
+            NbdErrno::ESHUTDOWN.to_io().raw_os_error(),
+            Some(libc::ESHUTDOWN)
+        );
     }
 
     #[test]

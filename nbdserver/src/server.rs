@@ -325,7 +325,11 @@ impl Server {
     }
 
     /// Register `export` under `name` (the empty name is the default export).
-    pub fn add_export(&self, name: impl Into<String>, export: Arc<dyn BlockExport>) -> Result<(), ServerError> {
+    pub fn add_export(
+        &self,
+        name: impl Into<String>,
+        export: Arc<dyn BlockExport>,
+    ) -> Result<(), ServerError> {
         let name = name.into();
         if name.len() > MAX_STRING_LEN {
             return Err(ServerError::NameTooLong(name.len()));
@@ -333,7 +337,11 @@ impl Server {
         if self.shared.stopping.is_cancelled() {
             return Err(ServerError::ShuttingDown);
         }
-        let mut map = self.shared.exports.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .shared
+            .exports
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         if map.contains_key(&name) {
             return Err(ServerError::ExportExists(name));
         }
@@ -383,14 +391,18 @@ impl Server {
         if self.shared.stopping.is_cancelled() {
             return Err(ServerError::ShuttingDown);
         }
-        let listener = TcpListener::bind(addr).await.map_err(|source| ServerError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?;
-        let local = listener.local_addr().map_err(|source| ServerError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
         info!(%local, "listening on TCP");
         let server = self.clone();
         let handle = tokio::spawn(async move {
@@ -460,7 +472,10 @@ impl Server {
     }
 
     fn lock_listeners(&self) -> std::sync::MutexGuard<'_, Vec<(JoinHandle<()>, Option<PathBuf>)>> {
-        self.shared.listeners.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared
+            .listeners
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn spawn_connection<S>(&self, stream: S, peer: String)
@@ -490,7 +505,10 @@ impl Server {
         let _count = ActiveGuard(&shared.active);
         async move {
             if active > shared.config.max_connections {
-                warn!(limit = shared.config.max_connections, "too many connections; closing");
+                warn!(
+                    limit = shared.config.max_connections,
+                    "too many connections; closing"
+                );
                 return Ok(());
             }
             debug!("connected");
@@ -501,21 +519,22 @@ impl Server {
                     _ = shared.stopping.cancelled() => Err(HandshakeError::Shutdown),
                 }
             };
-            let negotiated = match tokio::time::timeout(shared.config.handshake_timeout, handshake).await {
-                Err(_) => {
-                    warn!("handshake timed out");
-                    return Err(ConnectionError::HandshakeTimeout);
-                }
-                Ok(Err(e)) => {
-                    info!(error = %e, "handshake failed");
-                    return Err(e.into());
-                }
-                Ok(Ok(None)) => {
-                    debug!("client ended the handshake");
-                    return Ok(());
-                }
-                Ok(Ok(Some(n))) => n,
-            };
+            let negotiated =
+                match tokio::time::timeout(shared.config.handshake_timeout, handshake).await {
+                    Err(_) => {
+                        warn!("handshake timed out");
+                        return Err(ConnectionError::HandshakeTimeout);
+                    }
+                    Ok(Err(e)) => {
+                        info!(error = %e, "handshake failed");
+                        return Err(e.into());
+                    }
+                    Ok(Ok(None)) => {
+                        debug!("client ended the handshake");
+                        return Ok(());
+                    }
+                    Ok(Ok(Some(n))) => n,
+                };
             info!(export = %negotiated.entry.name, mode = ?negotiated.mode, "transmission started");
             let r = transmission::run(stream, negotiated, shared).await;
             match &r {
@@ -546,13 +565,19 @@ impl Server {
         }
         shared.tracker.close();
         let mut report = ShutdownReport::default();
-        if tokio::time::timeout(grace, shared.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, shared.tracker.wait())
+            .await
+            .is_err()
+        {
             info!("grace period over; closing remaining connections");
             report.forced_close = true;
             shared.closing.cancel();
             // Connections now only wait for requests already running in the
             // exports; do not wait forever on an export that is stuck.
-            if tokio::time::timeout(STUCK_LIMIT, shared.tracker.wait()).await.is_err() {
+            if tokio::time::timeout(STUCK_LIMIT, shared.tracker.wait())
+                .await
+                .is_err()
+            {
                 warn!(limit = ?STUCK_LIMIT, "connections still busy in their exports; giving up on them");
                 report.stuck_connections = shared.active.load(Ordering::SeqCst);
             }
@@ -565,7 +590,9 @@ impl Server {
             .cloned()
             .collect();
         for entry in entries {
-            let Some(export) = entry.export() else { continue };
+            let Some(export) = entry.export() else {
+                continue;
+            };
             if export.read_only() || !export.capabilities().flush {
                 continue;
             }

@@ -26,8 +26,8 @@ use tracing::{debug, trace, warn};
 use crate::export::{BlockExport, Capabilities, Extent, MetaContext, ZeroFlags};
 use crate::handshake::Negotiated;
 use crate::proto::{
-    self, cflag, cmd, reply_type, tflag, ContextId, Cookie, HeaderError, HeaderMode, NbdErrno, RequestHeader,
-    REPLY_FLAG_DONE, STATE_ZERO,
+    self, cflag, cmd, reply_type, tflag, ContextId, Cookie, HeaderError, HeaderMode, NbdErrno,
+    RequestHeader, REPLY_FLAG_DONE, STATE_ZERO,
 };
 use crate::server::{ExportEntry, InflightGuard, Shared};
 
@@ -174,7 +174,10 @@ impl Drop for WriterGuard<'_> {
 }
 
 /// `write_all` over several buffers with vectored writes.
-async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bufs: &[Bytes]) -> io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    bufs: &[Bytes],
+) -> io::Result<()> {
     const MAX_SLICES: usize = 256;
     let mut idx = 0usize;
     let mut off = 0usize;
@@ -192,7 +195,10 @@ async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, bufs: &[B
         }
         let mut n = w.write_vectored(&slices).await?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "connection closed while writing a reply"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "connection closed while writing a reply",
+            ));
         }
         while n > 0 && idx < bufs.len() {
             let rem = bufs[idx].len() - off;
@@ -274,7 +280,15 @@ struct Replier {
 impl Replier {
     fn chunk_header(&self, flags: u16, rtype: u16, payload_len: u64, extra: usize) -> Vec<u8> {
         let mut v = Vec::with_capacity(proto::EXTENDED_REPLY_LEN + extra);
-        proto::encode_chunk_header(&mut v, self.mode, flags, rtype, self.cookie, self.offset, payload_len);
+        proto::encode_chunk_header(
+            &mut v,
+            self.mode,
+            flags,
+            rtype,
+            self.cookie,
+            self.offset,
+            payload_len,
+        );
         v
     }
 
@@ -284,9 +298,17 @@ impl Replier {
             // A simple reply is allowed for payload-less success with
             // structured replies too, and is shorter.
             HeaderMode::Simple | HeaderMode::Structured => {
-                vec![Bytes::copy_from_slice(&proto::encode_simple_reply(NbdErrno(0), self.cookie))]
+                vec![Bytes::copy_from_slice(&proto::encode_simple_reply(
+                    NbdErrno(0),
+                    self.cookie,
+                ))]
             }
-            HeaderMode::Extended => vec![Bytes::from(self.chunk_header(REPLY_FLAG_DONE, reply_type::NONE, 0, 0))],
+            HeaderMode::Extended => vec![Bytes::from(self.chunk_header(
+                REPLY_FLAG_DONE,
+                reply_type::NONE,
+                0,
+                0,
+            ))],
         }
     }
 
@@ -294,11 +316,15 @@ impl Replier {
     fn error(&self, errno: NbdErrno, msg: &str) -> Vec<Bytes> {
         trace!(cookie = self.cookie.0, %errno, msg, "error reply");
         match self.mode {
-            HeaderMode::Simple => vec![Bytes::copy_from_slice(&proto::encode_simple_reply(errno, self.cookie))],
+            HeaderMode::Simple => vec![Bytes::copy_from_slice(&proto::encode_simple_reply(
+                errno,
+                self.cookie,
+            ))],
             HeaderMode::Structured | HeaderMode::Extended => {
                 let msg = proto::truncate_message(msg).as_bytes();
                 let plen = 6 + msg.len();
-                let mut v = self.chunk_header(REPLY_FLAG_DONE, reply_type::ERROR, plen as u64, plen);
+                let mut v =
+                    self.chunk_header(REPLY_FLAG_DONE, reply_type::ERROR, plen as u64, plen);
                 v.extend_from_slice(&errno.0.to_be_bytes());
                 v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
                 v.extend_from_slice(msg);
@@ -316,7 +342,11 @@ impl Replier {
 
 /// Run the transmission phase until the client disconnects, the stream
 /// fails, or the server closes the connection.
-pub(crate) async fn run<S>(stream: S, neg: Negotiated, shared: &Shared) -> Result<(), TransmissionError>
+pub(crate) async fn run<S>(
+    stream: S,
+    neg: Negotiated,
+    shared: &Shared,
+) -> Result<(), TransmissionError>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -343,8 +373,12 @@ where
         stop: stop.clone(),
     });
 
-    let max_count = cfg.max_inflight_requests.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
-    let max_bytes = cfg.max_inflight_bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let max_count = cfg
+        .max_inflight_requests
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let max_bytes = cfg
+        .max_inflight_bytes
+        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
     let count_sem = Arc::new(Semaphore::new(max_count));
     let bytes_sem = Arc::new(Semaphore::new(max_bytes));
     let limits = Limits {
@@ -415,16 +449,24 @@ fn dispatch(jobs: Vec<Job>, conn: &Arc<Conn>, sink: &Arc<ReplySink>) {
                 mut permits,
             } = job;
             counts.push(permits._count.take());
-            let bufs = match catch_unwind(AssertUnwindSafe(|| execute(guard.export(), &conn2, &rp, &h, work, payload))) {
+            let bufs = match catch_unwind(AssertUnwindSafe(|| {
+                execute(guard.export(), &conn2, &rp, &h, work, payload)
+            })) {
                 Ok(b) => b,
                 Err(_) => {
-                    warn!(cmd = cmd::name(h.command), "export panicked while serving a request");
+                    warn!(
+                        cmd = cmd::name(h.command),
+                        "export panicked while serving a request"
+                    );
                     rp.error(NbdErrno::EIO, "internal error in the export")
                 }
             };
             // Finished with the export before the reply goes out.
             drop(guard);
-            msgs.push(OutMsg { bufs, _permits: permits });
+            msgs.push(OutMsg {
+                bufs,
+                _permits: permits,
+            });
         }
         sink2.send_many_blocking(msgs);
         drop(sink2);
@@ -470,7 +512,9 @@ fn next_request_buffered(buf: &[u8], mode: HeaderMode) -> bool {
         RequestHeader::decode_compact(&b)
     };
     let Ok(h) = h else { return false };
-    let payload = if h.command == cmd::WRITE || (mode == HeaderMode::Extended && h.flags & cflag::PAYLOAD_LEN != 0) {
+    let payload = if h.command == cmd::WRITE
+        || (mode == HeaderMode::Extended && h.flags & cflag::PAYLOAD_LEN != 0)
+    {
         h.length
     } else {
         0
@@ -479,7 +523,10 @@ fn next_request_buffered(buf: &[u8], mode: HeaderMode) -> bool {
 }
 
 /// Read a request header; `Ok(None)` on a clean EOF between requests.
-async fn read_header<R: AsyncRead + Unpin>(rd: &mut R, mode: HeaderMode) -> Result<Option<RequestHeader>, TransmissionError> {
+async fn read_header<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    mode: HeaderMode,
+) -> Result<Option<RequestHeader>, TransmissionError> {
     let mut buf = [0u8; proto::EXTENDED_REQUEST_LEN];
     let want = mode.request_len();
     let n = rd.read(&mut buf[..want]).await?;
@@ -525,7 +572,9 @@ where
     // replies at high queue depth.
     let mut batch: Vec<Job> = Vec::new();
     loop {
-        if !batch.is_empty() && (batch.len() >= limits.max_batch || !next_request_buffered(rd.buffer(), conn.mode)) {
+        if !batch.is_empty()
+            && (batch.len() >= limits.max_batch || !next_request_buffered(rd.buffer(), conn.mode))
+        {
             dispatch(std::mem::take(&mut batch), conn, sink);
         }
         let header = tokio::select! {
@@ -541,7 +590,14 @@ where
             dispatch(batch, conn, sink);
             return Ok(());
         };
-        trace!(cmd = cmd::name(h.command), flags = h.flags, offset = h.offset, len = h.length, cookie = h.cookie.0, "request");
+        trace!(
+            cmd = cmd::name(h.command),
+            flags = h.flags,
+            offset = h.offset,
+            len = h.length,
+            cookie = h.cookie.0,
+            "request"
+        );
         if h.command == cmd::DISC {
             debug!("client sent NBD_CMD_DISC");
             dispatch(batch, conn, sink);
@@ -560,7 +616,11 @@ where
         // then the request's permits are released. Pending batched work is
         // sent on its way first, since writing may wait for the client.
         let send = |bufs: Vec<Bytes>, permits: Permits| async move {
-            sink.send(OutMsg { bufs, _permits: permits }).await;
+            sink.send(OutMsg {
+                bufs,
+                _permits: permits,
+            })
+            .await;
         };
 
         // --- Payload: find out how many bytes follow the header. ---
@@ -568,23 +628,30 @@ where
         // A WRITE always carries its data. With extended headers the
         // extension text asks clients to also set PAYLOAD_LEN on writes, but
         // QEMU's client does not, so the flag is optional for WRITE here.
-        let payload_len = if h.command == cmd::WRITE || (conn.mode == HeaderMode::Extended && has_payload_flag) {
-            h.length
-        } else {
-            0
-        };
+        let payload_len =
+            if h.command == cmd::WRITE || (conn.mode == HeaderMode::Extended && has_payload_flag) {
+                h.length
+            } else {
+                0
+            };
         let mut permits = Permits {
             _count: Some(count),
             _bytes: None,
         };
         if payload_len > conn.max_payload || (payload_len > 0 && h.command != cmd::WRITE) {
             if payload_len > limits.discard_limit.max(conn.max_payload) {
-                warn!(len = payload_len, "request payload beyond the discard limit");
+                warn!(
+                    len = payload_len,
+                    "request payload beyond the discard limit"
+                );
                 return Err(TransmissionError::PayloadTooLarge(payload_len));
             }
             discard(rd, payload_len).await?;
             let (errno, msg) = if h.command == cmd::WRITE {
-                (NbdErrno::EOVERFLOW, "write payload larger than the maximum payload size")
+                (
+                    NbdErrno::EOVERFLOW,
+                    "write payload larger than the maximum payload size",
+                )
             } else {
                 (NbdErrno::EINVAL, "this command does not take a payload")
             };
@@ -641,7 +708,10 @@ where
         let Some(guard) = conn.entry.begin() else {
             dispatch(std::mem::take(&mut batch), conn, sink);
             send(
-                rp.error(NbdErrno::ESHUTDOWN, "the export has been removed from the server"),
+                rp.error(
+                    NbdErrno::ESHUTDOWN,
+                    "the export has been removed from the server",
+                ),
                 permits,
             )
             .await;
@@ -674,13 +744,29 @@ where
 enum Work {
     /// Zero-length request: succeed without touching the export.
     Nothing,
-    Read { len: u64, df: bool },
-    Write { fua: bool },
+    Read {
+        len: u64,
+        df: bool,
+    },
+    Write {
+        fua: bool,
+    },
     Flush,
-    Trim { len: u64, fua: bool },
-    Cache { len: u64 },
-    Zero { len: u64, flags: ZeroFlags },
-    BlockStatus { len: u64, req_one: bool },
+    Trim {
+        len: u64,
+        fua: bool,
+    },
+    Cache {
+        len: u64,
+    },
+    Zero {
+        len: u64,
+        flags: ZeroFlags,
+    },
+    BlockStatus {
+        len: u64,
+        req_one: bool,
+    },
 }
 
 type Refusal = (NbdErrno, &'static str);
@@ -730,7 +816,10 @@ fn validate(conn: &Conn, h: &RequestHeader) -> Result<Work, Refusal> {
             return Err((NbdErrno::EINVAL, "trim is not supported by this export"));
         }
         cmd::WRITE_ZEROES if tf & tflag::SEND_WRITE_ZEROES == 0 => {
-            return Err((NbdErrno::EINVAL, "write zeroes is not supported by this export"));
+            return Err((
+                NbdErrno::EINVAL,
+                "write zeroes is not supported by this export",
+            ));
         }
         cmd::BLOCK_STATUS => {
             if !conn.mode.structured() {
@@ -747,16 +836,30 @@ fn validate(conn: &Conn, h: &RequestHeader) -> Result<Work, Refusal> {
     let in_range = matches!(end, Some(e) if e <= conn.size);
     if !in_range {
         return Err(if writes && h.command != cmd::TRIM {
-            (NbdErrno::ENOSPC, "request extends beyond the end of the export")
+            (
+                NbdErrno::ENOSPC,
+                "request extends beyond the end of the export",
+            )
         } else {
-            (NbdErrno::EINVAL, "request extends beyond the end of the export")
+            (
+                NbdErrno::EINVAL,
+                "request extends beyond the end of the export",
+            )
         });
     }
-    if conn.min_block > 1 && (!h.offset.is_multiple_of(conn.min_block) || !len.is_multiple_of(conn.min_block)) {
-        return Err((NbdErrno::EINVAL, "request is not aligned to the minimum block size"));
+    if conn.min_block > 1
+        && (!h.offset.is_multiple_of(conn.min_block) || !len.is_multiple_of(conn.min_block))
+    {
+        return Err((
+            NbdErrno::EINVAL,
+            "request is not aligned to the minimum block size",
+        ));
     }
     if h.command == cmd::READ && len > conn.max_payload {
-        return Err((NbdErrno::EOVERFLOW, "read larger than the maximum payload size"));
+        return Err((
+            NbdErrno::EOVERFLOW,
+            "read larger than the maximum payload size",
+        ));
     }
     if h.command == cmd::BLOCK_STATUS && len == 0 {
         return Err((NbdErrno::EINVAL, "block status of length zero"));
@@ -850,7 +953,9 @@ fn execute(
                 }
             }
         },
-        Work::BlockStatus { len, req_one } => block_status_reply(export, conn, rp, off, len, req_one),
+        Work::BlockStatus { len, req_one } => {
+            block_status_reply(export, conn, rp, off, len, req_one)
+        }
     }
 }
 
@@ -920,7 +1025,14 @@ fn read_segments(export: &dyn BlockExport, offset: u64, len: u64) -> Vec<Segment
     out
 }
 
-fn read_reply(export: &dyn BlockExport, conn: &Conn, rp: &Replier, offset: u64, len: u64, df: bool) -> Vec<Bytes> {
+fn read_reply(
+    export: &dyn BlockExport,
+    conn: &Conn,
+    rp: &Replier,
+    offset: u64,
+    len: u64,
+    df: bool,
+) -> Vec<Bytes> {
     // `len` is bounded by the maximum payload (32 MiB by default).
     let n = len as usize;
     if !rp.mode.structured() {
@@ -988,7 +1100,10 @@ fn normalize_extents(extents: Vec<Extent>, offset: u64, len: u64, req_one: bool)
                 if out.len() >= MAX_STATUS_EXTENTS {
                     break;
                 }
-                out.push(Extent { length: l, flags: e.flags })
+                out.push(Extent {
+                    length: l,
+                    flags: e.flags,
+                })
             }
         }
         pos += l;
@@ -1016,11 +1131,16 @@ fn block_status_reply(
         let extents = if supported {
             match export.block_status(offset, len, ctx) {
                 Ok(e) => normalize_extents(e, offset, len, req_one),
-                Err(e) => return rp.error(errno_no_enotsup(&e), &format!("block status failed: {e}")),
+                Err(e) => {
+                    return rp.error(errno_no_enotsup(&e), &format!("block status failed: {e}"))
+                }
             }
         } else {
             // base:allocation without support in the export: all data.
-            vec![Extent { length: len, flags: 0 }]
+            vec![Extent {
+                length: len,
+                flags: 0,
+            }]
         };
         if extents.is_empty() {
             return rp.error(NbdErrno::EIO, "the export returned no block status");
@@ -1068,18 +1188,63 @@ mod tests {
     #[test]
     fn normalize_clips_and_merges() {
         let e = vec![
-            Extent { length: 100, flags: 0 },
-            Extent { length: 100, flags: 0 },
-            Extent { length: 0, flags: 3 },
-            Extent { length: 500, flags: 3 },
+            Extent {
+                length: 100,
+                flags: 0,
+            },
+            Extent {
+                length: 100,
+                flags: 0,
+            },
+            Extent {
+                length: 0,
+                flags: 3,
+            },
+            Extent {
+                length: 500,
+                flags: 3,
+            },
         ];
         let n = normalize_extents(e.clone(), 1000, 250, false);
-        assert_eq!(n, vec![Extent { length: 200, flags: 0 }]);
+        assert_eq!(
+            n,
+            vec![Extent {
+                length: 200,
+                flags: 0
+            }]
+        );
         let n = normalize_extents(e.clone(), 1000, 150, true);
-        assert_eq!(n, vec![Extent { length: 150, flags: 0 }]);
-        let e = vec![Extent { length: 100, flags: 0 }, Extent { length: 500, flags: 3 }];
+        assert_eq!(
+            n,
+            vec![Extent {
+                length: 150,
+                flags: 0
+            }]
+        );
+        let e = vec![
+            Extent {
+                length: 100,
+                flags: 0,
+            },
+            Extent {
+                length: 500,
+                flags: 3,
+            },
+        ];
         let n = normalize_extents(e, 0, 300, false);
-        assert_eq!(n, vec![Extent { length: 100, flags: 0 }, Extent { length: 200, flags: 3 }]);
+        assert_eq!(
+            n,
+            vec![
+                Extent {
+                    length: 100,
+                    flags: 0
+                },
+                Extent {
+                    length: 200,
+                    flags: 3
+                }
+            ]
+        );
     }
 
     #[test]

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use chainvault_nbd::client::{list_exports, ReadChunk, Transport, ZeroRequest};
 use chainvault_nbd::proto::{cflag, cmd, HeaderMode};
 use chainvault_nbd::{
-    BlockExport, Capabilities, Client, ClientError, ConnectOptions, MemExport, NbdErrno, NbdUri, Server, ServerConfig,
+    BlockExport, Capabilities, Client, ClientError, ConnectOptions, MemExport, NbdErrno, NbdUri,
+    Server, ServerConfig,
 };
 use common::*;
 
@@ -25,12 +26,16 @@ fn options(mode: HeaderMode) -> ConnectOptions {
 }
 
 async fn connect(ts: &TestServer, name: &str, mode: HeaderMode) -> Client {
-    Client::connect_unix(&ts.socket, name, options(mode)).await.expect("connect")
+    Client::connect_unix(&ts.socket, name, options(mode))
+        .await
+        .expect("connect")
 }
 
 fn errno(r: Result<impl std::fmt::Debug, ClientError>) -> NbdErrno {
     match r {
-        Err(e) => e.errno().unwrap_or_else(|| panic!("expected a server error, got {e}")),
+        Err(e) => e
+            .errno()
+            .unwrap_or_else(|| panic!("expected a server error, got {e}")),
         Ok(v) => panic!("expected a server error, got {v:?}"),
     }
 }
@@ -39,14 +44,22 @@ fn errno(r: Result<impl std::fmt::Debug, ClientError>) -> NbdErrno {
 async fn every_command_in_every_header_mode() {
     let ts = TestServer::start().await;
     ts.add("disk", Arc::new(MemExport::new(64 * MIB)));
-    for mode in [HeaderMode::Extended, HeaderMode::Structured, HeaderMode::Simple] {
+    for mode in [
+        HeaderMode::Extended,
+        HeaderMode::Structured,
+        HeaderMode::Simple,
+    ] {
         let c = connect(&ts, "disk", mode).await;
         let info = c.info().clone();
         assert_eq!(info.mode, mode);
         assert_eq!(info.size, 64 * MIB);
         assert!(info.can_flush() && info.can_fua() && info.can_trim() && info.can_zero());
         assert!(info.can_fast_zero() && info.can_multi_conn() && info.can_cache());
-        assert_eq!(info.can_df(), mode != HeaderMode::Simple, "DF only with structured replies");
+        assert_eq!(
+            info.can_df(),
+            mode != HeaderMode::Simple,
+            "DF only with structured replies"
+        );
         assert_eq!(info.block_sizes, Some((1, 4096, 32 * 1024 * 1024)));
         assert_eq!(info.description.as_deref(), Some("in-memory export"));
 
@@ -62,16 +75,35 @@ async fn every_command_in_every_header_mode() {
         assert_eq!(c.read(base, 4).await.unwrap(), b"fua!");
         c.flush().await.unwrap();
         c.cache(base, MIB).await.unwrap();
-        c.write_zeroes(base + MIB, MIB, ZeroRequest::default()).await.unwrap();
-        assert_eq!(c.read(base + MIB, MIB).await.unwrap(), vec![0u8; MIB as usize]);
-        c.write_zeroes(base + 2 * MIB, 4096, ZeroRequest { no_hole: true, fast: true, fua: true })
+        c.write_zeroes(base + MIB, MIB, ZeroRequest::default())
             .await
             .unwrap();
+        assert_eq!(
+            c.read(base + MIB, MIB).await.unwrap(),
+            vec![0u8; MIB as usize]
+        );
+        c.write_zeroes(
+            base + 2 * MIB,
+            4096,
+            ZeroRequest {
+                no_hole: true,
+                fast: true,
+                fua: true,
+            },
+        )
+        .await
+        .unwrap();
         c.trim(base + 8 * MIB, MIB, false).await.unwrap();
 
         if mode == HeaderMode::Simple {
-            assert!(matches!(c.block_status(base, MIB, false).await, Err(ClientError::Unsupported(_))));
-            assert!(matches!(c.read_chunks(base, 4096, true).await, Err(ClientError::Unsupported(_))));
+            assert!(matches!(
+                c.block_status(base, MIB, false).await,
+                Err(ClientError::Unsupported(_))
+            ));
+            assert!(matches!(
+                c.read_chunks(base, 4096, true).await,
+                Err(ClientError::Unsupported(_))
+            ));
         } else {
             let st = c.block_status(base, 4 * MIB, false).await.unwrap();
             assert_eq!(st.len(), 2);
@@ -81,14 +113,34 @@ async fn every_command_in_every_header_mode() {
             // The unmap-allowed zero of a whole 1 MiB range became a hole.
             assert!(alloc.iter().any(|e| e.flags == 3), "{alloc:?}");
             let one = c.block_status(base, 4 * MIB, true).await.unwrap();
-            assert!(one.iter().all(|(_, e)| e.len() == 1 && e[0].length <= 4 * MIB));
+            assert!(one
+                .iter()
+                .all(|(_, e)| e.len() == 1 && e[0].length <= 4 * MIB));
 
             // A read spanning data and a hole: chunks cover it exactly.
-            let r = c.read_chunks(base + MIB - 4096, 2 * MIB, false).await.unwrap();
+            let r = c
+                .read_chunks(base + MIB - 4096, 2 * MIB, false)
+                .await
+                .unwrap();
             assert_eq!(r.data, c.read(base + MIB - 4096, 2 * MIB).await.unwrap());
-            assert!(r.chunks.iter().any(|ch| matches!(ch, ReadChunk::Hole { .. })), "{:?}", r.chunks);
-            let r = c.read_chunks(base + MIB - 4096, 2 * MIB, true).await.unwrap();
-            assert_eq!(r.chunks, vec![ReadChunk::Data { offset: base + MIB - 4096, len: 2 * MIB }]);
+            assert!(
+                r.chunks
+                    .iter()
+                    .any(|ch| matches!(ch, ReadChunk::Hole { .. })),
+                "{:?}",
+                r.chunks
+            );
+            let r = c
+                .read_chunks(base + MIB - 4096, 2 * MIB, true)
+                .await
+                .unwrap();
+            assert_eq!(
+                r.chunks,
+                vec![ReadChunk::Data {
+                    offset: base + MIB - 4096,
+                    len: 2 * MIB
+                }]
+            );
         }
         c.disconnect().await.unwrap();
     }
@@ -133,27 +185,62 @@ async fn bad_requests_get_errors_and_the_connection_survives() {
     let ts = TestServer::start().await;
     ts.add("disk", Arc::new(MemExport::new(64 * MIB)));
     ts.add("big", Arc::new(MemExport::new(8 << 30)));
-    for mode in [HeaderMode::Extended, HeaderMode::Structured, HeaderMode::Simple] {
+    for mode in [
+        HeaderMode::Extended,
+        HeaderMode::Structured,
+        HeaderMode::Simple,
+    ] {
         let c = connect(&ts, "disk", mode).await;
-        let ext_flag = if mode == HeaderMode::Extended { cflag::PAYLOAD_LEN } else { 0 };
+        let ext_flag = if mode == HeaderMode::Extended {
+            cflag::PAYLOAD_LEN
+        } else {
+            0
+        };
         let raw = |command, flags, offset, len, payload: Option<Vec<u8>>| {
             let c = &c;
             async move {
-                let r = c.raw_request(command, flags, offset, len, payload.as_deref()).await.unwrap();
+                let r = c
+                    .raw_request(command, flags, offset, len, payload.as_deref())
+                    .await
+                    .unwrap();
                 r.error.map(|(e, _)| e)
             }
         };
-        assert_eq!(raw(99, 0, 0, 0, None).await, Some(NbdErrno::EINVAL), "unknown command");
-        assert_eq!(raw(cmd::READ, cflag::FUA, 0, 512, None).await, Some(NbdErrno::EINVAL), "bad flag");
-        assert_eq!(raw(cmd::READ, 0, 64 * MIB, 1, None).await, Some(NbdErrno::EINVAL), "read past end");
-        assert_eq!(raw(cmd::READ, 0, u64::MAX, 2, None).await, Some(NbdErrno::EINVAL), "offset overflow");
-        assert_eq!(raw(cmd::TRIM, 0, 64 * MIB - 1, 2, None).await, Some(NbdErrno::EINVAL), "trim past end");
+        assert_eq!(
+            raw(99, 0, 0, 0, None).await,
+            Some(NbdErrno::EINVAL),
+            "unknown command"
+        );
+        assert_eq!(
+            raw(cmd::READ, cflag::FUA, 0, 512, None).await,
+            Some(NbdErrno::EINVAL),
+            "bad flag"
+        );
+        assert_eq!(
+            raw(cmd::READ, 0, 64 * MIB, 1, None).await,
+            Some(NbdErrno::EINVAL),
+            "read past end"
+        );
+        assert_eq!(
+            raw(cmd::READ, 0, u64::MAX, 2, None).await,
+            Some(NbdErrno::EINVAL),
+            "offset overflow"
+        );
+        assert_eq!(
+            raw(cmd::TRIM, 0, 64 * MIB - 1, 2, None).await,
+            Some(NbdErrno::EINVAL),
+            "trim past end"
+        );
         assert_eq!(
             raw(cmd::WRITE, ext_flag, 64 * MIB - 1, 2, Some(vec![1, 2])).await,
             Some(NbdErrno::ENOSPC),
             "write past end"
         );
-        assert_eq!(raw(cmd::READ, 0, 0, 33 * MIB, None).await, Some(NbdErrno::EOVERFLOW), "huge read");
+        assert_eq!(
+            raw(cmd::READ, 0, 0, 33 * MIB, None).await,
+            Some(NbdErrno::EOVERFLOW),
+            "huge read"
+        );
         let huge = vec![7u8; (33 * MIB) as usize];
         assert_eq!(
             raw(cmd::WRITE, ext_flag, 0, huge.len() as u64, Some(huge)).await,
@@ -161,25 +248,50 @@ async fn bad_requests_get_errors_and_the_connection_survives() {
             "huge write"
         );
         if mode != HeaderMode::Simple {
-            assert_eq!(raw(cmd::BLOCK_STATUS, 0, 0, 0, None).await, Some(NbdErrno::EINVAL), "empty status");
+            assert_eq!(
+                raw(cmd::BLOCK_STATUS, 0, 0, 0, None).await,
+                Some(NbdErrno::EINVAL),
+                "empty status"
+            );
             assert_eq!(
                 raw(cmd::READ, cflag::DF | cflag::REQ_ONE, 0, 512, None).await,
                 Some(NbdErrno::EINVAL),
                 "REQ_ONE on read"
             );
         } else {
-            assert_eq!(raw(cmd::BLOCK_STATUS, 0, 0, 512, None).await, Some(NbdErrno::EINVAL), "no contexts");
-            assert_eq!(raw(cmd::READ, cflag::DF, 0, 512, None).await, Some(NbdErrno::EINVAL), "DF w/o structured");
+            assert_eq!(
+                raw(cmd::BLOCK_STATUS, 0, 0, 512, None).await,
+                Some(NbdErrno::EINVAL),
+                "no contexts"
+            );
+            assert_eq!(
+                raw(cmd::READ, cflag::DF, 0, 512, None).await,
+                Some(NbdErrno::EINVAL),
+                "DF w/o structured"
+            );
         }
         if mode == HeaderMode::Extended {
             // A payload on a command that takes none is consumed, then refused.
-            let r = raw(cmd::BLOCK_STATUS, cflag::PAYLOAD_LEN, 0, 12, Some(vec![0u8; 12])).await;
+            let r = raw(
+                cmd::BLOCK_STATUS,
+                cflag::PAYLOAD_LEN,
+                0,
+                12,
+                Some(vec![0u8; 12]),
+            )
+            .await;
             assert_eq!(r, Some(NbdErrno::EINVAL));
             // 64-bit effect lengths are range-checked.
-            assert_eq!(raw(cmd::TRIM, 0, 0, 1 << 40, None).await, Some(NbdErrno::EINVAL));
+            assert_eq!(
+                raw(cmd::TRIM, 0, 0, 1 << 40, None).await,
+                Some(NbdErrno::EINVAL)
+            );
         } else {
             // PAYLOAD_LEN does not exist without extended headers.
-            assert_eq!(raw(cmd::FLUSH, cflag::PAYLOAD_LEN, 0, 0, None).await, Some(NbdErrno::EINVAL));
+            assert_eq!(
+                raw(cmd::FLUSH, cflag::PAYLOAD_LEN, 0, 0, None).await,
+                Some(NbdErrno::EINVAL)
+            );
         }
         // Zero-length requests are fine.
         assert_eq!(raw(cmd::READ, 0, 0, 0, None).await, None);
@@ -195,10 +307,16 @@ async fn bad_requests_get_errors_and_the_connection_survives() {
         if mode != HeaderMode::Simple {
             let st = c.block_status(0, 8 << 30, false).await.unwrap();
             let (_, alloc) = st.iter().find(|(n, _)| n == "base:allocation").unwrap();
-            let want = if mode == HeaderMode::Extended { 8 << 30 } else { u64::from(u32::MAX) & !0xfff };
+            let want = if mode == HeaderMode::Extended {
+                8 << 30
+            } else {
+                u64::from(u32::MAX) & !0xfff
+            };
             assert_eq!(alloc.iter().map(|e| e.length).sum::<u64>(), want);
         }
-        c.write_zeroes(5 << 30, 5 << 20, ZeroRequest::default()).await.unwrap();
+        c.write_zeroes(5 << 30, 5 << 20, ZeroRequest::default())
+            .await
+            .unwrap();
         c.write(7 << 30, b"far", false).await.unwrap();
         assert_eq!(c.read(7 << 30, 3).await.unwrap(), b"far");
         c.disconnect().await.unwrap();
@@ -233,7 +351,10 @@ impl BlockExport for SlowReads {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_export_drains_in_flight_requests() {
     let ts = TestServer::start().await;
-    ts.add("slow", Arc::new(SlowReads(MemExport::new(MIB), Duration::from_millis(400))));
+    ts.add(
+        "slow",
+        Arc::new(SlowReads(MemExport::new(MIB), Duration::from_millis(400))),
+    );
     ts.add("other", Arc::new(MemExport::new(MIB)));
     let c = Arc::new(connect(&ts, "slow", HeaderMode::Structured).await);
     let other = connect(&ts, "other", HeaderMode::Structured).await;
@@ -245,9 +366,16 @@ async fn remove_export_drains_in_flight_requests() {
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     let t = Instant::now();
-    let removed = ts.server.remove_export("slow").await.expect("export was registered");
+    let removed = ts
+        .server
+        .remove_export("slow")
+        .await
+        .expect("export was registered");
     let waited = t.elapsed();
-    assert!(waited >= Duration::from_millis(200), "remove_export returned after {waited:?}, before the read finished");
+    assert!(
+        waited >= Duration::from_millis(200),
+        "remove_export returned after {waited:?}, before the read finished"
+    );
     // The read in flight completed normally.
     assert_eq!(reader.await.unwrap().unwrap(), b"kept");
     // The server holds no reference any more.
@@ -277,15 +405,25 @@ async fn shutdown_closes_idle_connections_after_grace_and_flushes() {
     c.write(0, b"unflushed", false).await.unwrap();
     assert_eq!(ts.server.active_connections(), 1);
     let report = ts.server.shutdown(Duration::from_millis(200)).await;
-    assert!(report.forced_close, "the idle client had to be disconnected");
+    assert!(
+        report.forced_close,
+        "the idle client had to be disconnected"
+    );
     assert!(report.flush_errors.is_empty());
     let mut b = [0u8; 9];
     export.read_durable(0, &mut b).unwrap();
     assert_eq!(&b, b"unflushed", "shutdown must flush the exports");
     assert!(c.read(0, 1).await.is_err(), "connection must be closed");
     assert!(!ts.socket.exists(), "socket file removed");
-    assert!(Client::connect_unix(&ts.socket, "disk", ConnectOptions::default()).await.is_err());
-    assert!(ts.server.add_export("late", Arc::new(MemExport::new(1))).is_err());
+    assert!(
+        Client::connect_unix(&ts.socket, "disk", ConnectOptions::default())
+            .await
+            .is_err()
+    );
+    assert!(ts
+        .server
+        .add_export("late", Arc::new(MemExport::new(1)))
+        .is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,26 +447,40 @@ async fn shutdown_lets_clients_finish_within_grace() {
 async fn in_memory_stream_tcp_and_listing() {
     init_tracing();
     let server = Server::new(ServerConfig::default());
-    server.add_export("", Arc::new(MemExport::new(MIB).with_description("default"))).unwrap();
-    server.add_export("named", Arc::new(MemExport::new(2 * MIB))).unwrap();
+    server
+        .add_export(
+            "",
+            Arc::new(MemExport::new(MIB).with_description("default")),
+        )
+        .unwrap();
+    server
+        .add_export("named", Arc::new(MemExport::new(2 * MIB)))
+        .unwrap();
     assert!(matches!(
         server.add_export("named", Arc::new(MemExport::new(1))),
         Err(chainvault_nbd::ServerError::ExportExists(_))
     ));
-    assert!(server.add_export("x".repeat(5000), Arc::new(MemExport::new(1))).is_err());
+    assert!(server
+        .add_export("x".repeat(5000), Arc::new(MemExport::new(1)))
+        .is_err());
 
     // Over tokio::io::duplex.
     let (a, b) = tokio::io::duplex(1 << 16);
     let s2 = server.clone();
     let conn = tokio::spawn(async move { s2.serve_connection(b, "duplex").await });
-    let c = Client::connect_stream(a, "named", ConnectOptions::default()).await.unwrap();
+    let c = Client::connect_stream(a, "named", ConnectOptions::default())
+        .await
+        .unwrap();
     c.write(MIB, b"duplex", true).await.unwrap();
     assert_eq!(c.read(MIB, 6).await.unwrap(), b"duplex");
     c.disconnect().await.unwrap();
     conn.await.unwrap().unwrap();
 
     // Over TCP on an ephemeral loopback port, via a URI.
-    let addr = server.listen_tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let addr = server
+        .listen_tcp("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
     let uri = addr.uri("");
     let parsed: NbdUri = uri.parse().unwrap();
     let c = Client::connect(&uri).await.unwrap();
@@ -337,10 +489,23 @@ async fn in_memory_stream_tcp_and_listing() {
     let list = list_exports(&parsed.transport).await.unwrap();
     assert_eq!(
         list,
-        vec![("".to_string(), "default".to_string()), ("named".to_string(), "in-memory export".to_string())]
+        vec![
+            ("".to_string(), "default".to_string()),
+            ("named".to_string(), "in-memory export".to_string())
+        ]
     );
-    let missing = Client::connect_uri(&NbdUri { export: "nope".into(), ..parsed.clone() }, ConnectOptions::default()).await;
-    assert!(matches!(missing, Err(ClientError::OptionRefused { .. })), "{missing:?}");
+    let missing = Client::connect_uri(
+        &NbdUri {
+            export: "nope".into(),
+            ..parsed.clone()
+        },
+        ConnectOptions::default(),
+    )
+    .await;
+    assert!(
+        matches!(missing, Err(ClientError::OptionRefused { .. })),
+        "{missing:?}"
+    );
     assert!(matches!(parsed.transport, Transport::Tcp { .. }));
     server.shutdown(Duration::from_millis(100)).await;
 }
@@ -375,14 +540,21 @@ async fn shutdown_is_not_held_up_by_stalled_clients() {
         offset: 0,
         length: MIB,
     };
-    stuck_write.write_all(&header.encode_compact().unwrap()).await.unwrap();
+    stuck_write
+        .write_all(&header.encode_compact().unwrap())
+        .await
+        .unwrap();
     stuck_write.write_all(&[0u8; 10]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(ts.server.active_connections(), 2);
 
     let t = Instant::now();
     let report = ts.server.shutdown(Duration::from_millis(100)).await;
-    assert!(t.elapsed() < Duration::from_secs(3), "shutdown took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "shutdown took {:?}",
+        t.elapsed()
+    );
     assert!(report.forced_close);
     assert_eq!(report.stuck_connections, 0);
     let mut b = [0u8; 1];
@@ -421,6 +593,8 @@ async fn batched_small_requests_with_tight_limits() {
                 r.unwrap();
             }
         };
-        tokio::time::timeout(Duration::from_secs(60), all).await.expect("requests stalled");
+        tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .expect("requests stalled");
     }
 }

@@ -422,13 +422,19 @@ async fn flush_on_one_connection_covers_writes_on_another() {
     export.read(0, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 0xa5), "write not applied");
     export.read_durable(0, &mut buf).unwrap();
-    assert!(buf.iter().all(|&b| b == 0), "unflushed write must not be durable yet");
+    assert!(
+        buf.iter().all(|&b| b == 0),
+        "unflushed write must not be durable yet"
+    );
 
     // Write on A, flush on B: durable.
     let out = run_python(MULTI_CONN, &[&ts.uri("wb"), "1048576", "flush"]).await;
     assert_eq!(out.trim(), "ok");
     export.read_durable(MIB, &mut buf).unwrap();
-    assert!(buf.iter().all(|&b| b == 0xa5), "flush on B must cover the write completed on A");
+    assert!(
+        buf.iter().all(|&b| b == 0xa5),
+        "flush on B must cover the write completed on A"
+    );
     // The flush covers everything completed before it, from every connection.
     export.read_durable(0, &mut buf).unwrap();
     assert!(buf.iter().all(|&b| b == 0xa5));

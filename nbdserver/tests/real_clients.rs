@@ -31,8 +31,18 @@ fn json(s: &str) -> serde_json::Value {
 async fn nbdinfo_list_describes_every_export() {
     let nbdinfo = require_tool("nbdinfo", "libnbd-bin");
     let ts = TestServer::start().await;
-    ts.add("disk0", Arc::new(MemExport::new(64 * MIB).with_description("first disk")));
-    ts.add("disk1", Arc::new(MemExport::new(3 * MIB).read_only().with_description("second disk")));
+    ts.add(
+        "disk0",
+        Arc::new(MemExport::new(64 * MIB).with_description("first disk")),
+    );
+    ts.add(
+        "disk1",
+        Arc::new(
+            MemExport::new(3 * MIB)
+                .read_only()
+                .with_description("second disk"),
+        ),
+    );
 
     let out = run_ok(&nbdinfo, &["--list", "--json", &ts.uri("")]).await;
     let v = json(&out);
@@ -76,18 +86,38 @@ async fn nbdinfo_can_flags_match_the_export() {
             match o.status.code() {
                 Some(0) => true,
                 Some(2) => false,
-                _ => panic!("nbdinfo --can {feature} {uri}: {:?} {}", o.status, String::from_utf8_lossy(&o.stderr)),
+                _ => panic!(
+                    "nbdinfo --can {feature} {uri}: {:?} {}",
+                    o.status,
+                    String::from_utf8_lossy(&o.stderr)
+                ),
             }
         }
     };
-    for f in ["flush", "fua", "trim", "zero", "fast-zero", "df", "multi-conn", "cache", "write"] {
+    for f in [
+        "flush",
+        "fua",
+        "trim",
+        "zero",
+        "fast-zero",
+        "df",
+        "multi-conn",
+        "cache",
+        "write",
+    ] {
         assert!(can(f, "rw").await, "rw export should support {f}");
     }
     for f in ["fua", "trim", "zero", "fast-zero", "write"] {
-        assert!(!can(f, "ro").await, "read-only export must not advertise {f}");
+        assert!(
+            !can(f, "ro").await,
+            "read-only export must not advertise {f}"
+        );
     }
     for f in ["df", "multi-conn", "cache"] {
-        assert!(can(f, "ro").await, "read-only export should still support {f}");
+        assert!(
+            can(f, "ro").await,
+            "read-only export should still support {f}"
+        );
     }
     let o = run(&nbdinfo, &["--is", "read-only", &ts.uri("ro")]).await;
     assert_eq!(o.status.code(), Some(0));
@@ -119,7 +149,8 @@ async fn nbdinfo_map_shows_allocation_and_depth() {
     let ts = TestServer::start().await;
     let m = MemExport::new(64 * MIB);
     m.write(MIB, &vec![1u8; 128 * 1024], false).unwrap();
-    m.write(10 * MIB, &vec![2u8; (2 * MIB) as usize], false).unwrap();
+    m.write(10 * MIB, &vec![2u8; (2 * MIB) as usize], false)
+        .unwrap();
     ts.add("disk", Arc::new(m));
 
     let out = run_ok(&nbdinfo, &["--map", "--json", &ts.uri("disk")]).await;
@@ -135,7 +166,11 @@ async fn nbdinfo_map_shows_allocation_and_depth() {
         ],
         "{out}"
     );
-    let out = run_ok(&nbdinfo, &["--map=qemu:allocation-depth", "--json", &ts.uri("disk")]).await;
+    let out = run_ok(
+        &nbdinfo,
+        &["--map=qemu:allocation-depth", "--json", &ts.uri("disk")],
+    )
+    .await;
     assert_eq!(
         map_entries(&out),
         vec![
@@ -194,7 +229,11 @@ async fn nbdinfo_map_of_a_file_matches_qemu_nbd() {
         }
         out
     };
-    assert_eq!(data(&ours), data(&theirs), "ours {ours:?}\nqemu-nbd {theirs:?}");
+    assert_eq!(
+        data(&ours),
+        data(&theirs),
+        "ours {ours:?}\nqemu-nbd {theirs:?}"
+    );
     assert_eq!(data(&ours), vec![(4 * MIB, MIB), (20 * MIB, 64 * 1024)]);
 }
 
@@ -210,7 +249,11 @@ async fn nbdcopy_in(connections: u32, tcp: bool) {
     let export = Arc::new(FileExport::open(&dst, false).unwrap());
     ts.add("disk", export.clone());
     let uri = if tcp {
-        let addr = ts.server.listen_tcp("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = ts
+            .server
+            .listen_tcp("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
         let u = addr.uri("disk");
         assert!(u.starts_with("nbd://127.0.0.1:"), "{u}");
         u
@@ -219,11 +262,24 @@ async fn nbdcopy_in(connections: u32, tcp: bool) {
     };
     let conns = format!("--connections={connections}");
     let started = std::time::Instant::now();
-    run_ok(&nbdcopy, &[&conns, "--requests=64", "--flush", src.to_str().unwrap(), &uri]).await;
+    run_ok(
+        &nbdcopy,
+        &[
+            &conns,
+            "--requests=64",
+            "--flush",
+            src.to_str().unwrap(),
+            &uri,
+        ],
+    )
+    .await;
     let took = started.elapsed();
     eprintln!("nbdcopy {connections} connection(s), tcp={tcp}: 256 MiB in {took:?}");
     let got = std::fs::read(&dst).unwrap();
-    assert!(got == data, "destination differs from the source after nbdcopy");
+    assert!(
+        got == data,
+        "destination differs from the source after nbdcopy"
+    );
 
     // And back out through the server.
     let back = ts.path("back.raw");
@@ -255,21 +311,33 @@ async fn nbdcopy_sparse_source_flushes_and_keeps_holes() {
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
-        f.write_all_at(&pseudo_random(MIB as usize, 7), 8 * MIB).unwrap();
+        f.write_all_at(&pseudo_random(MIB as usize, 7), 8 * MIB)
+            .unwrap();
     }
     let export = Arc::new(MemExport::new_write_back(64 * MIB));
     // Pre-fill so zeroing the holes is observable.
-    export.write(0, &vec![0xffu8; (64 * MIB) as usize], false).unwrap();
+    export
+        .write(0, &vec![0xffu8; (64 * MIB) as usize], false)
+        .unwrap();
     ts.add("disk", export.clone());
-    run_ok(&nbdcopy, &["--flush", src.to_str().unwrap(), &ts.uri("disk")]).await;
-    assert!(export.flush_count() >= 1, "nbdcopy --flush must reach the export");
+    run_ok(
+        &nbdcopy,
+        &["--flush", src.to_str().unwrap(), &ts.uri("disk")],
+    )
+    .await;
+    assert!(
+        export.flush_count() >= 1,
+        "nbdcopy --flush must reach the export"
+    );
     let mut got = vec![0u8; (64 * MIB) as usize];
     export.read_durable(0, &mut got).unwrap();
     let want = std::fs::read(&src).unwrap();
     assert!(got == want, "durable contents differ after nbdcopy --flush");
     // The holes were zeroed with WRITE_ZEROES (unmap allowed), so they are
     // unallocated again.
-    let st = export.block_status(0, 8 * MIB, MetaContext::BaseAllocation).unwrap();
+    let st = export
+        .block_status(0, 8 * MIB, MetaContext::BaseAllocation)
+        .unwrap();
     assert_eq!(st[0].flags & 1, 1, "hole expected at 0: {st:?}");
 }
 
@@ -317,18 +385,38 @@ async fn qemu_io_write_read_zero_discard() {
     export.read(128 * 1024, &mut b).unwrap();
     assert!(b.iter().all(|&x| x == 0xab));
     // write -z without -u sets NO_HOLE: the range stays allocated.
-    assert!(export.is_allocated(0), "NO_HOLE zeroing must keep the range allocated");
+    assert!(
+        export.is_allocated(0),
+        "NO_HOLE zeroing must keep the range allocated"
+    );
     // write -z -u may unmap whole chunks.
-    assert!(!export.is_allocated(MIB), "unmap-allowed zeroing should deallocate");
+    assert!(
+        !export.is_allocated(MIB),
+        "unmap-allowed zeroing should deallocate"
+    );
 
     // Read-only export: writes fail cleanly.
     ts.add("ro", Arc::new(MemExport::new(MIB).read_only()));
-    let o = run(&qemu_io, &["-f", "raw", "-r", &ts.uri("ro"), "-c", "read -P 0 0 64k"]).await;
+    let o = run(
+        &qemu_io,
+        &["-f", "raw", "-r", &ts.uri("ro"), "-c", "read -P 0 0 64k"],
+    )
+    .await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = run(&qemu_io, &["-f", "raw", &ts.uri("ro"), "-c", "write -P 1 0 4k"]).await;
-    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let o = run(
+        &qemu_io,
+        &["-f", "raw", &ts.uri("ro"), "-c", "write -P 1 0 4k"],
+    )
+    .await;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(
-        !o.status.success() || text.to_lowercase().contains("read-only") || text.contains("Operation not permitted"),
+        !o.status.success()
+            || text.to_lowercase().contains("read-only")
+            || text.contains("Operation not permitted"),
         "write to a read-only export must fail: {text}"
     );
 }
@@ -340,7 +428,8 @@ async fn qemu_img_convert_and_compare() {
     let size = 32 * MIB;
     let m = MemExport::new(size);
     m.write(0, &pseudo_random(MIB as usize, 1), false).unwrap();
-    m.write(17 * MIB + 4096, &pseudo_random(300 * 1024, 2), false).unwrap();
+    m.write(17 * MIB + 4096, &pseudo_random(300 * 1024, 2), false)
+        .unwrap();
     ts.add("disk", Arc::new(m.read_only()));
     let uri = ts.uri("disk");
 
@@ -348,16 +437,55 @@ async fn qemu_img_convert_and_compare() {
     assert_eq!(json(&info)["virtual-size"], size, "{info}");
 
     let raw = ts.path("out.raw");
-    run_ok(&qemu_img, &["convert", "-f", "raw", "-O", "raw", &uri, raw.to_str().unwrap()]).await;
+    run_ok(
+        &qemu_img,
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            raw.to_str().unwrap(),
+        ],
+    )
+    .await;
     let exported = std::fs::read(&raw).unwrap();
     let mut want = vec![0u8; size as usize];
     let e = ts.server.export("disk").unwrap();
     e.read(0, &mut want).unwrap();
-    assert!(exported == want, "qemu-img convert output differs from the export");
+    assert!(
+        exported == want,
+        "qemu-img convert output differs from the export"
+    );
 
     let q = ts.path("out.qcow2");
-    run_ok(&qemu_img, &["convert", "-f", "raw", "-O", "qcow2", &uri, q.to_str().unwrap()]).await;
-    let cmp = run_ok(&qemu_img, &["compare", "-f", "raw", "-F", "qcow2", &uri, q.to_str().unwrap()]).await;
+    run_ok(
+        &qemu_img,
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            &uri,
+            q.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let cmp = run_ok(
+        &qemu_img,
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "qcow2",
+            &uri,
+            q.to_str().unwrap(),
+        ],
+    )
+    .await;
     assert!(cmp.contains("identical"), "{cmp}");
     // The qcow2 only allocated the data (holes were seen as holes).
     let map = run_ok(&qemu_img, &["map", "--output=json", q.to_str().unwrap()]).await;
@@ -368,5 +496,8 @@ async fn qemu_img_convert_and_compare() {
         .filter(|e| e["data"] == true)
         .map(|e| e["length"].as_u64().unwrap())
         .sum();
-    assert!(data <= 2 * MIB, "qcow2 allocated {data} bytes for 1.3 MiB of data:\n{map}");
+    assert!(
+        data <= 2 * MIB,
+        "qcow2 allocated {data} bytes for 1.3 MiB of data:\n{map}"
+    );
 }

@@ -72,13 +72,37 @@ fn structured_input(rng: &mut Rng) -> Vec<u8> {
     option(&mut v, opt::GO, &d);
     let size = 8u64 << 20;
     for _ in 0..rng.below(40) {
-        let command = rng.pick(&[cmd::READ, cmd::WRITE, cmd::FLUSH, cmd::TRIM, cmd::CACHE, cmd::WRITE_ZEROES, cmd::BLOCK_STATUS, 9]);
-        let flags = rng.pick(&[0, cflag::FUA, cflag::DF, cflag::REQ_ONE, cflag::NO_HOLE | cflag::FAST_ZERO, cflag::PAYLOAD_LEN, 0xffff]);
+        let command = rng.pick(&[
+            cmd::READ,
+            cmd::WRITE,
+            cmd::FLUSH,
+            cmd::TRIM,
+            cmd::CACHE,
+            cmd::WRITE_ZEROES,
+            cmd::BLOCK_STATUS,
+            9,
+        ]);
+        let flags = rng.pick(&[
+            0,
+            cflag::FUA,
+            cflag::DF,
+            cflag::REQ_ONE,
+            cflag::NO_HOLE | cflag::FAST_ZERO,
+            cflag::PAYLOAD_LEN,
+            0xffff,
+        ]);
         let r = rng.below(size);
         let offset = rng.pick(&[0, 4096, size - 1, size, u64::MAX - 10, r]);
         let r = rng.below(1 << 20);
         let len = rng.pick(&[0, 1, 512, 65536, 1 << 20, 33 << 20, r]);
-        v.extend_from_slice(&(if extended { 0x21e4_1c71u32 } else { 0x2560_9513u32 }).to_be_bytes());
+        v.extend_from_slice(
+            &(if extended {
+                0x21e4_1c71u32
+            } else {
+                0x2560_9513u32
+            })
+            .to_be_bytes(),
+        );
         v.extend_from_slice(&flags.to_be_bytes());
         v.extend_from_slice(&command.to_be_bytes());
         v.extend_from_slice(&rng.next().to_be_bytes());
@@ -90,7 +114,11 @@ fn structured_input(rng: &mut Rng) -> Vec<u8> {
         }
         let carries = command == cmd::WRITE || (extended && flags & cflag::PAYLOAD_LEN != 0);
         if carries && len <= 1 << 20 {
-            let n = if rng.below(8) == 0 { rng.below(len + 1) } else { len };
+            let n = if rng.below(8) == 0 {
+                rng.below(len + 1)
+            } else {
+                len
+            };
             v.extend(std::iter::repeat_n(0x3c, n as usize));
         }
     }
@@ -149,7 +177,10 @@ async fn truncated_valid_session_at_every_length() {
     input.truncate(600);
     let server = fuzz_server();
     for cut in 0..input.len() {
-        if feed_client_bytes(&server, &input[..cut], Duration::from_secs(10)).await.is_err() {
+        if feed_client_bytes(&server, &input[..cut], Duration::from_secs(10))
+            .await
+            .is_err()
+        {
             panic!("server hung on a stream cut at {cut} bytes");
         }
     }
@@ -178,7 +209,9 @@ async fn harness_really_drives_the_server() {
     req(cmd::FLUSH, 0, &[]);
     req(cmd::DISC, 0, &[]);
     let server = fuzz_server();
-    feed_client_bytes(&server, &v, Duration::from_secs(10)).await.unwrap();
+    feed_client_bytes(&server, &v, Duration::from_secs(10))
+        .await
+        .unwrap();
     let disk = server.export("disk").unwrap();
     let mut b = [0u8; 19];
     disk.read(1 << 20, &mut b).unwrap();

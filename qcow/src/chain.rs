@@ -87,7 +87,11 @@ pub fn probe_format(path: &Path) -> Result<Format> {
             Err(e) => return Err(Error::io(path, "read", e)),
         }
     }
-    Ok(if n == 4 && u32::from_be_bytes(magic) == MAGIC { Format::Qcow2 } else { Format::Raw })
+    Ok(if n == 4 && u32::from_be_bytes(magic) == MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
 }
 
 /// Read and parse just the header of a qcow2 file.
@@ -96,7 +100,8 @@ pub fn read_header(path: &Path) -> Result<Header> {
     let f = File::open(path).map_err(|e| Error::io(path, "open", e))?;
     let len = f.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
     let mut buf = vec![0u8; len.min(2 << 20) as usize];
-    f.read_exact_at(&mut buf, 0).map_err(|e| Error::io(path, "read header", e))?;
+    f.read_exact_at(&mut buf, 0)
+        .map_err(|e| Error::io(path, "read header", e))?;
     Header::parse(&buf, path)
 }
 
@@ -110,8 +115,13 @@ pub struct Chain {
 pub fn resolve(top: &Path, opts: &ChainOptions) -> Result<Vec<(PathBuf, Format)>> {
     let top_c = top.canonicalize().map_err(|e| Error::io(top, "open", e))?;
     let root = match &opts.root {
-        Some(r) => r.canonicalize().map_err(|e| Error::io(r, "resolve allowed root", e))?,
-        None => top_c.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/")),
+        Some(r) => r
+            .canonicalize()
+            .map_err(|e| Error::io(r, "resolve allowed root", e))?,
+        None => top_c
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("/")),
     };
     let mut files = Vec::new();
     let mut seen = HashSet::new();
@@ -124,7 +134,9 @@ pub fn resolve(top: &Path, opts: &ChainOptions) -> Result<Vec<(PathBuf, Format)>
             break;
         }
         let h = read_header(&cur)?;
-        let Some(name) = h.backing_file.clone() else { break };
+        let Some(name) = h.backing_file.clone() else {
+            break;
+        };
         let refuse = |reason: String| Error::BackingRefused {
             path: cur.clone(),
             backing: name.clone(),
@@ -153,12 +165,19 @@ pub fn resolve(top: &Path, opts: &ChainOptions) -> Result<Vec<(PathBuf, Format)>
             )));
         }
         if seen.contains(&canon) {
-            return Err(refuse(format!("backing cycle: {} is already in the chain", canon.display())));
+            return Err(refuse(format!(
+                "backing cycle: {} is already in the chain",
+                canon.display()
+            )));
         }
         fmt = match h.backing_format() {
             Some("qcow2") => Format::Qcow2,
             Some("raw") => Format::Raw,
-            Some(other) => return Err(refuse(format!("backing format {other:?} is not supported (qcow2 or raw)"))),
+            Some(other) => {
+                return Err(refuse(format!(
+                    "backing format {other:?} is not supported (qcow2 or raw)"
+                )))
+            }
             None => probe_format(&canon)?,
         };
         cur = canon;
@@ -187,7 +206,9 @@ impl Chain {
                 let backing = if layers.is_empty() {
                     None
                 } else {
-                    Some(Arc::new(Chain { layers: layers.clone() }))
+                    Some(Arc::new(Chain {
+                        layers: layers.clone(),
+                    }))
                 };
                 let o = OpenOptions {
                     writable: opts.writable,
@@ -197,7 +218,10 @@ impl Chain {
             }
             Format::Raw => {
                 if opts.writable {
-                    return Err(Error::unsupported(top_path, "raw files are opened read-only"));
+                    return Err(Error::unsupported(
+                        top_path,
+                        "raw files are opened read-only",
+                    ));
                 }
                 Layer::Raw(Arc::new(RawFile::open(top_path)?))
             }
@@ -251,7 +275,11 @@ impl Chain {
         while let Some((li, o, bs, len)) = work.pop() {
             let layer = &self.layers[li];
             let lsize = layer.size();
-            let inside = if o >= lsize { 0 } else { (lsize - o).min(len as u64) as usize };
+            let inside = if o >= lsize {
+                0
+            } else {
+                (lsize - o).min(len as u64) as usize
+            };
             buf[bs + inside..bs + len].fill(0);
             if inside == 0 {
                 continue;
@@ -315,7 +343,11 @@ impl Chain {
                         found.push(Extent {
                             offset: p,
                             length: n,
-                            kind: if data { ExtentKind::Data } else { ExtentKind::Zero },
+                            kind: if data {
+                                ExtentKind::Data
+                            } else {
+                                ExtentKind::Zero
+                            },
                             depth: li as u32,
                             host_offset: data.then_some(p),
                             compressed: false,
@@ -329,7 +361,11 @@ impl Chain {
                             work.push((li + 1, e.offset, e.length));
                         } else {
                             found.push(Extent {
-                                depth: if e.kind == ExtentKind::Unallocated { bottom } else { li as u32 },
+                                depth: if e.kind == ExtentKind::Unallocated {
+                                    bottom
+                                } else {
+                                    li as u32
+                                },
                                 ..e
                             });
                         }

@@ -343,7 +343,9 @@ impl ZeroTail {
             .unwrap_or(0)
     }
     fn be(&self, off: u64, n: u64) -> u64 {
-        (0..n).fold(0u64, |acc, i| (acc << 8) | self.byte(off.saturating_add(i)) as u64)
+        (0..n).fold(0u64, |acc, i| {
+            (acc << 8) | self.byte(off.saturating_add(i)) as u64
+        })
     }
     fn u16(&self, off: u64) -> u16 {
         self.be(off, 2) as u16
@@ -375,14 +377,20 @@ type Step<T = ()> = std::result::Result<T, Stop>;
 #[derive(Clone)]
 enum Owner {
     Active,
-    Snapshot { index: usize, id: String, name: String },
+    Snapshot {
+        index: usize,
+        id: String,
+        name: String,
+    },
 }
 
 impl Owner {
     fn describe(&self) -> String {
         match self {
             Owner::Active => "active".to_string(),
-            Owner::Snapshot { index, id, name } => format!("snapshot {index} (id {id:?}, name {name:?})"),
+            Owner::Snapshot { index, id, name } => {
+                format!("snapshot {index} (id {id:?}, name {name:?})")
+            }
         }
     }
 }
@@ -508,7 +516,10 @@ impl<'p> Checker<'p> {
     /// Open and check the image; the checker keeps what repair needs.
     fn run(path: &'p Path) -> Result<Checker<'p>> {
         let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io(path, "stat", e))?
+            .len();
         let first_len = file_len.min(1u64 << header::MAX_CLUSTER_BITS) as usize;
         let mut first = vec![0u8; first_len];
         file.read_exact_at(&mut first, 0)
@@ -552,7 +563,10 @@ impl<'p> Checker<'p> {
         if c.unlisted > 0 {
             c.report.problems.push(Problem {
                 severity: Severity::Warning,
-                message: format!("{} further problems were counted but are not listed", c.unlisted),
+                message: format!(
+                    "{} further problems were counted but are not listed",
+                    c.unlisted
+                ),
             });
         }
         Ok(c)
@@ -583,7 +597,9 @@ impl<'p> Checker<'p> {
 
     fn check_error(&mut self, msg: impl FnOnce() -> String) {
         self.report.check_errors += 1;
-        self.note(Severity::Error, || format!("check could not be completed: {}", msg()));
+        self.note(Severity::Error, || {
+            format!("check could not be completed: {}", msg())
+        });
     }
 
     /// Count a check error and stop, as QEMU does when it cannot open the image
@@ -613,14 +629,21 @@ impl<'p> Checker<'p> {
     }
 
     /// Fill `buf` from `off`, zeros past end-of-file.
-    fn read_zero_filled(file: &File, path: &Path, file_len: u64, off: u64, buf: &mut [u8]) -> Result<()> {
+    fn read_zero_filled(
+        file: &File,
+        path: &Path,
+        file_len: u64,
+        off: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
         buf.fill(0);
         if off >= file_len {
             return Ok(());
         }
         let avail = (file_len - off).min(buf.len() as u64) as usize;
         if let Some(head) = buf.get_mut(..avail) {
-            file.read_exact_at(head, off).map_err(|e| Error::io(path, "read", e))?;
+            file.read_exact_at(head, off)
+                .map_err(|e| Error::io(path, "read", e))?;
         }
         Ok(())
     }
@@ -739,15 +762,23 @@ impl<'p> Checker<'p> {
         // The expected-refcount table, sized by the file.
         let nb = self.file_len.div_ceil(cs);
         if nb > i32::MAX as u64 {
-            return self.abort(|| format!("the file has {nb} clusters, more than the 2^31 a check can handle"));
+            return self.abort(|| {
+                format!("the file has {nb} clusters, more than the 2^31 a check can handle")
+            });
         }
         self.nb = nb;
         self.imrt = match Imrt::new(nb + 1) {
             Some(t) => t,
-            None => return self.abort(|| format!("not enough memory for the refcounts of {nb} clusters")),
+            None => {
+                return self
+                    .abort(|| format!("not enough memory for the refcounts of {nb} clusters"))
+            }
         };
         // The refcount table as QEMU loads it when opening.
-        let rt = self.read_avail(self.h.refcount_table_offset, self.disk.declared.saturating_mul(8))?;
+        let rt = self.read_avail(
+            self.h.refcount_table_offset,
+            self.disk.declared.saturating_mul(8),
+        )?;
         self.disk.table = rt.chunks_exact(8).map(|b| be64_at(b, 0)).collect();
 
         // Header.
@@ -817,7 +848,9 @@ impl<'p> Checker<'p> {
     fn validate_table_offsets(&mut self) -> Step {
         let bfo = self.h.backing_file_offset;
         if bfo > self.cs {
-            return self.abort(|| format!("the backing file name offset {bfo:#x} lies outside the first cluster"));
+            return self.abort(|| {
+                format!("the backing file name offset {bfo:#x} lies outside the first cluster")
+            });
         }
         if self.h.incompatible_features & header::incompat::COMPRESSION_TYPE != 0
             && self.h.compression_type == header::CompressionType::Deflate
@@ -830,13 +863,18 @@ impl<'p> Checker<'p> {
         let l1_bytes = self.h.l1_size as u64 * 8;
         let l1_off = self.h.l1_table_offset;
         if max - l1_bytes < l1_off || (l1_bytes > 0 && !qemu_can_read(l1_off, l1_bytes)) {
-            return self
-                .abort(|| format!("the active L1 table offset {l1_off:#x} is invalid (it would end past 2^63)"));
+            return self.abort(|| {
+                format!(
+                    "the active L1 table offset {l1_off:#x} is invalid (it would end past 2^63)"
+                )
+            });
         }
         let rt_bytes = self.h.refcount_table_clusters as u64 * self.cs;
         let rt_off = self.h.refcount_table_offset;
         if max - rt_bytes < rt_off || !qemu_can_read(rt_off, rt_bytes) {
-            return self.abort(|| format!("the refcount table offset {rt_off:#x} is invalid (it would end past 2^63)"));
+            return self.abort(|| {
+                format!("the refcount table offset {rt_off:#x} is invalid (it would end past 2^63)")
+            });
         }
         Ok(())
     }
@@ -846,9 +884,16 @@ impl<'p> Checker<'p> {
             return Ok(());
         }
         let bytes = l1_size as u64 * 8;
-        self.inc(l1_off, bytes, &|| format!("the {} L1 table", owner.describe()))?;
+        self.inc(l1_off, bytes, &|| {
+            format!("the {} L1 table", owner.describe())
+        })?;
         if !qemu_can_read(l1_off, bytes) {
-            return self.abort(|| format!("the {} L1 table at {l1_off:#x} cannot be read", owner.describe()));
+            return self.abort(|| {
+                format!(
+                    "the {} L1 table at {l1_off:#x} cannot be read",
+                    owner.describe()
+                )
+            });
         }
         let table = self.read_avail(l1_off, bytes)?;
         let cs = self.cs;
@@ -897,7 +942,14 @@ impl<'p> Checker<'p> {
         r
     }
 
-    fn check_l2_entries(&mut self, table: &[u8], l2_off: u64, l1_index: u64, owner: &Owner, frag: bool) -> Step {
+    fn check_l2_entries(
+        &mut self,
+        table: &[u8],
+        l2_off: u64,
+        l1_index: u64,
+        owner: &Owner,
+        frag: bool,
+    ) -> Step {
         let ext = self.geo.extended_l2;
         let esz = self.geo.l2_entry_size as usize;
         let cs = self.cs;
@@ -917,7 +969,9 @@ impl<'p> Checker<'p> {
             let bitmap = if ext { be64_at(table, at + 8) } else { 0 };
             let ty = cluster_type(raw, ext);
             if ty != ClusterType::Compressed && raw & meta::L2_STD_RESERVED_MASK != 0 {
-                self.corruption(|| format!("{}: entry {raw:#018x} has reserved bits set", where_(i)));
+                self.corruption(|| {
+                    format!("{}: entry {raw:#018x} has reserved bits set", where_(i))
+                });
             }
             match ty {
                 ClusterType::Compressed => {
@@ -938,8 +992,11 @@ impl<'p> Checker<'p> {
                         });
                         continue;
                     }
-                    let (host, len) = meta::compressed_extent(raw & !(meta::COMPRESSED | meta::COPIED), cb);
-                    self.inc(host.0, len, &|| format!("the compressed data of {}", where_(i)))?;
+                    let (host, len) =
+                        meta::compressed_extent(raw & !(meta::COMPRESSED | meta::COPIED), cb);
+                    self.inc(host.0, len, &|| {
+                        format!("the compressed data of {}", where_(i))
+                    })?;
                     if frag {
                         self.report.allocated_clusters += 1;
                         self.report.compressed_clusters += 1;
@@ -1005,7 +1062,9 @@ impl<'p> Checker<'p> {
         let nb = self.h.nb_snapshots as u64;
         let base = self.h.snapshots_offset;
         if nb > QEMU_MAX_SNAPSHOTS {
-            return self.abort(|| format!("the snapshot table has {nb} entries, more than {QEMU_MAX_SNAPSHOTS}"));
+            return self.abort(|| {
+                format!("the snapshot table has {nb} entries, more than {QEMU_MAX_SNAPSHOTS}")
+            });
         }
         if (i64::MAX as u64) - nb * SNAPSHOT_HEADER_LEN < base {
             return self.abort(|| format!("the snapshot table offset {base:#x} is invalid"));
@@ -1047,7 +1106,8 @@ impl<'p> Checker<'p> {
             let name = text(self, offset, name_size)?;
             offset += name_size;
             if !qemu_can_read(entry_at, offset - entry_at) {
-                return self.abort(|| format!("snapshot table entry {i} at {entry_at:#x} cannot be read"));
+                return self
+                    .abort(|| format!("snapshot table entry {i} at {entry_at:#x} cannot be read"));
             }
             table_length += SNAPSHOT_HEADER_LEN + extra as u64 + id_size + name_size;
             if table_length > QEMU_MAX_SNAPSHOTS_SIZE || offset - base > i32::MAX as u64 {
@@ -1110,7 +1170,9 @@ impl<'p> Checker<'p> {
             return Ok(None);
         };
         if len != 24 {
-            return self.abort(|| format!("the bitmaps header extension is {len} bytes long instead of 24"));
+            return self.abort(|| {
+                format!("the bitmaps header extension is {len} bytes long instead of 24")
+            });
         }
         if self.h.autoclear_features & header::autoclear::BITMAPS == 0 {
             self.note(Severity::Warning, || {
@@ -1122,11 +1184,13 @@ impl<'p> Checker<'p> {
             return Ok(None);
         };
         if reserved != 0 {
-            return self.abort(|| "the bitmaps header extension has a nonzero reserved field".to_string());
+            return self
+                .abort(|| "the bitmaps header extension has a nonzero reserved field".to_string());
         }
         let nb = ext.nb_bitmaps;
         if nb > QEMU_MAX_BITMAPS {
-            return self.abort(|| format!("the image has {nb} bitmaps, more than {QEMU_MAX_BITMAPS}"));
+            return self
+                .abort(|| format!("the image has {nb} bitmaps, more than {QEMU_MAX_BITMAPS}"));
         }
         if nb == 0 {
             return self.abort(|| "the bitmaps extension lists zero bitmaps".to_string());
@@ -1146,7 +1210,11 @@ impl<'p> Checker<'p> {
         }
         let list = match self.read_bitmap_directory(dir_off, dir_size, nb)? {
             Ok(list) => list,
-            Err(why) => return self.abort(|| format!("the bitmap directory at {dir_off:#x} cannot be loaded: {why}")),
+            Err(why) => {
+                return self.abort(|| {
+                    format!("the bitmap directory at {dir_off:#x} cannot be loaded: {why}")
+                })
+            }
         };
         // QEMU loads every bitmap not marked in-use, and creates all of them by name.
         let mut names = std::collections::HashSet::new();
@@ -1176,7 +1244,9 @@ impl<'p> Checker<'p> {
             return Ok(Err("its size is zero".to_string()));
         }
         if !qemu_can_read(dir_off, dir_size) {
-            return Ok(Err("it lies beyond the largest offset a file can have".to_string()));
+            return Ok(Err(
+                "it lies beyond the largest offset a file can have".to_string()
+            ));
         }
         let dir = ZeroTail {
             data: self.read_avail(dir_off, dir_size)?,
@@ -1188,11 +1258,15 @@ impl<'p> Checker<'p> {
         let mut count = 0u32;
         while e < dir_size {
             if e + BITMAP_DIR_ENTRY_LEN > dir_size {
-                return Ok(Err("broken directory: an entry runs past its end".to_string()));
+                return Ok(Err(
+                    "broken directory: an entry runs past its end".to_string()
+                ));
             }
             count += 1;
             if count > nb {
-                return Ok(Err(format!("more bitmaps found than the {nb} in the header extension")));
+                return Ok(Err(format!(
+                    "more bitmaps found than the {nb} in the header extension"
+                )));
             }
             let table_offset = dir.u64(e);
             let table_size = dir.u32(e + 8);
@@ -1203,12 +1277,16 @@ impl<'p> Checker<'p> {
             let extra = dir.u32(e + 20) as u64;
             let entry_len = (BITMAP_DIR_ENTRY_LEN + name_size + extra).next_multiple_of(8);
             if e + entry_len > dir_size {
-                return Ok(Err("broken directory: an entry runs past its end".to_string()));
+                return Ok(Err(
+                    "broken directory: an entry runs past its end".to_string()
+                ));
             }
             if extra != 0 {
                 return Ok(Err("bitmap extra data is not supported".to_string()));
             }
-            let name_bytes: Vec<u8> = (0..name_size).map(|j| dir.byte(e + BITMAP_DIR_ENTRY_LEN + j)).collect();
+            let name_bytes: Vec<u8> = (0..name_size)
+                .map(|j| dir.byte(e + BITMAP_DIR_ENTRY_LEN + j))
+                .collect();
             let name = String::from_utf8_lossy(&name_bytes).into_owned();
             let bad = table_size == 0
                 || table_offset == 0
@@ -1219,7 +1297,9 @@ impl<'p> Checker<'p> {
                 || name_size > 1023
                 || ty != BME_TYPE_DIRTY_TRACKING;
             if bad {
-                return Ok(Err(format!("bitmap {name:?} does not satisfy the constraints")));
+                return Ok(Err(format!(
+                    "bitmap {name:?} does not satisfy the constraints"
+                )));
             }
             let phys = table_size as u64 * cs;
             if phys > BME_MAX_PHYS_SIZE {
@@ -1313,7 +1393,9 @@ impl<'p> Checker<'p> {
             let offset = entry & meta::REFT_OFFSET_MASK;
             let cluster = offset >> self.cb;
             if entry & REFT_RESERVED_MASK != 0 {
-                self.corruption(|| format!("refcount table entry {i} ({entry:#018x}) has reserved bits set"));
+                self.corruption(|| {
+                    format!("refcount table entry {i} ({entry:#018x}) has reserved bits set")
+                });
                 continue;
             }
             if offset & (cs - 1) != 0 {
@@ -1436,7 +1518,9 @@ impl<'p> Checker<'p> {
                     )
                 });
             }
-            if let Err(e) = Self::read_zero_filled(&self.file, self.path, self.file_len, l2_off, &mut buf) {
+            if let Err(e) =
+                Self::read_zero_filled(&self.file, self.path, self.file_len, l2_off, &mut buf)
+            {
                 result = Err(e.into());
                 break;
             }
@@ -1484,7 +1568,10 @@ impl<'p> Checker<'p> {
             .open(path)
             .map_err(|e| Error::io(path, "open for repair", e))?;
         ensure_not_in_use(&file, path)?;
-        let len_now = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
+        let len_now = file
+            .metadata()
+            .map_err(|e| Error::io(path, "stat", e))?
+            .len();
         if len_now != self.file_len {
             return Err(Error::InvalidArgument(format!(
                 "{}: the file changed size during the check ({} → {len_now} bytes); it is in use, not repairing",
@@ -1504,12 +1591,14 @@ impl<'p> Checker<'p> {
             if offset == 0 || first >= self.nb {
                 continue;
             }
-            if entry & REFT_RESERVED_MASK != 0 || offset & (cs - 1) != 0 || offset >= self.file_len {
+            if entry & REFT_RESERVED_MASK != 0 || offset & (cs - 1) != 0 || offset >= self.file_len
+            {
                 continue;
             }
             Self::read_zero_filled(&file, path, self.file_len, offset, &mut block)?;
             let end = (first + rb_entries).min(self.nb);
-            let leaky = (first..end).any(|k| meta::get_refcount(&block, order, k - first) > self.imrt.get(k));
+            let leaky = (first..end)
+                .any(|k| meta::get_refcount(&block, order, k - first) > self.imrt.get(k));
             if !leaky {
                 continue;
             }
@@ -1658,8 +1747,14 @@ mod tests {
         assert_eq!(cluster_type(0x10000 | 1, false), ClusterType::ZeroAlloc);
         assert_eq!(cluster_type(0x10000 | 1, true), ClusterType::Normal);
         assert_eq!(cluster_type(1, true), ClusterType::Unallocated);
-        assert_eq!(cluster_type(meta::COMPRESSED | 5, false), ClusterType::Compressed);
-        assert_eq!(cluster_type(meta::COPIED | 0x20000, false), ClusterType::Normal);
+        assert_eq!(
+            cluster_type(meta::COMPRESSED | 5, false),
+            ClusterType::Compressed
+        );
+        assert_eq!(
+            cluster_type(meta::COPIED | 0x20000, false),
+            ClusterType::Normal
+        );
     }
 
     #[test]
@@ -1674,7 +1769,9 @@ mod tests {
 
     #[test]
     fn zero_tail_reads_zeros_past_data() {
-        let z = ZeroTail { data: vec![1, 2, 3] };
+        let z = ZeroTail {
+            data: vec![1, 2, 3],
+        };
         assert_eq!(z.u16(1), 0x0203);
         assert_eq!(z.u32(2), 0x0300_0000);
         assert_eq!(z.u64(u64::MAX - 2), 0);
@@ -1687,7 +1784,9 @@ mod tests {
         assert!(r.summary().contains("No errors were found on the image."));
         r.leaks = 2;
         assert_eq!(r.exit_code(), 3);
-        assert!(r.summary().contains("2 leaked clusters were found on the image."));
+        assert!(r
+            .summary()
+            .contains("2 leaked clusters were found on the image."));
         r.corruptions = 1;
         assert_eq!(r.exit_code(), 2);
         assert!(r.summary().contains("1 errors were found on the image."));

@@ -125,8 +125,13 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
             }
             rb_count = need;
         }
-        let covered = (expected + meta + rb_count).div_ceil(geo.rb_entries).max(rb_count);
-        let need_rt = (covered * 8).div_ceil(cs).min(header::MAX_REFTABLE_BYTES / cs).max(1);
+        let covered = (expected + meta + rb_count)
+            .div_ceil(geo.rb_entries)
+            .max(rb_count);
+        let need_rt = (covered * 8)
+            .div_ceil(cs)
+            .min(header::MAX_REFTABLE_BYTES / cs)
+            .max(1);
         if need_rt <= rt_clusters {
             break;
         }
@@ -155,7 +160,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         refcount_table_clusters: rt_clusters as u32,
         nb_snapshots: 0,
         snapshots_offset: 0,
-        incompatible_features: if opts.extended_l2 { header::incompat::EXTENDED_L2 } else { 0 },
+        incompatible_features: if opts.extended_l2 {
+            header::incompat::EXTENDED_L2
+        } else {
+            0
+        },
         compatible_features: 0,
         autoclear_features: 0,
         refcount_order,
@@ -168,8 +177,10 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     let header_bytes = match h.to_cluster() {
         Ok(b) => b,
         Err(_) => {
-            h.extensions.retain(|e| !matches!(e, Extension::FeatureTable(_)));
-            h.to_cluster().map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?
+            h.extensions
+                .retain(|e| !matches!(e, Extension::FeatureTable(_)));
+            h.to_cluster()
+                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))?
         }
     };
 
@@ -182,7 +193,12 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
     for c in 0..total {
         let blk = (c / geo.rb_entries) as usize;
         let bs = cs as usize;
-        set_refcount(&mut rbs[blk * bs..(blk + 1) * bs], refcount_order, c % geo.rb_entries, 1);
+        set_refcount(
+            &mut rbs[blk * bs..(blk + 1) * bs],
+            refcount_order,
+            c % geo.rb_entries,
+            1,
+        );
     }
 
     let mut file = FsOpen::new()
@@ -203,7 +219,11 @@ pub fn create(path: &Path, opts: &CreateOptions) -> Result<()> {
         return Err(Error::io(path, "write", e));
     }
     if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        let dir = if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        };
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }

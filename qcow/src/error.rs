@@ -63,7 +63,11 @@ impl Error {
         }
     }
 
-    pub(crate) fn format(path: impl Into<PathBuf>, field: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn format(
+        path: impl Into<PathBuf>,
+        field: &'static str,
+        detail: impl Into<String>,
+    ) -> Self {
         Error::Format {
             path: path.into(),
             field,

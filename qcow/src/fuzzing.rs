@@ -10,11 +10,16 @@ use crate::image::{Image, OpenOptions};
 /// may panic, hang or allocate without bound, whatever `data` holds.
 pub fn open_and_read(data: &[u8]) {
     let _ = crate::header::Header::parse(data, std::path::Path::new("fuzz"));
-    let Ok(mut f) = tempfile_in_memory() else { return };
+    let Ok(mut f) = tempfile_in_memory() else {
+        return;
+    };
     if f.write_all(data).is_err() {
         return;
     }
-    let path = std::path::PathBuf::from(format!("/proc/self/fd/{}", std::os::unix::io::AsRawFd::as_raw_fd(&f)));
+    let path = std::path::PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::unix::io::AsRawFd::as_raw_fd(&f)
+    ));
     if let Ok(img) = Image::open(&path, &OpenOptions::default()) {
         let n = img.size().min(4 << 20);
         let mut buf = vec![0u8; 65536];

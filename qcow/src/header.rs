@@ -121,7 +121,10 @@ pub enum Extension {
     Bitmaps(BitmapsExt),
     ExternalDataFile(String),
     /// Any other extension, kept verbatim so that rewriting the header preserves it.
-    Unknown { kind: u32, data: Vec<u8> },
+    Unknown {
+        kind: u32,
+        data: Vec<u8>,
+    },
 }
 
 /// A parsed QCOW2 header with its extensions and backing file name.
@@ -166,10 +169,21 @@ struct Fixed {
 }
 
 fn parse_fixed(i: &[u8]) -> IResult<&[u8], Fixed> {
-    let (i, (magic, version, backing_file_offset, backing_file_size, cluster_bits, size, crypt_method)) =
-        (be_u32, be_u32, be_u64, be_u32, be_u32, be_u64, be_u32).parse(i)?;
-    let (i, (l1_size, l1_table_offset, refcount_table_offset, refcount_table_clusters, nb_snapshots, snapshots_offset)) =
-        (be_u32, be_u64, be_u64, be_u32, be_u32, be_u64).parse(i)?;
+    let (
+        i,
+        (magic, version, backing_file_offset, backing_file_size, cluster_bits, size, crypt_method),
+    ) = (be_u32, be_u32, be_u64, be_u32, be_u32, be_u64, be_u32).parse(i)?;
+    let (
+        i,
+        (
+            l1_size,
+            l1_table_offset,
+            refcount_table_offset,
+            refcount_table_clusters,
+            nb_snapshots,
+            snapshots_offset,
+        ),
+    ) = (be_u32, be_u64, be_u64, be_u32, be_u32, be_u64).parse(i)?;
     Ok((
         i,
         Fixed {
@@ -244,7 +258,8 @@ fn parse_feature_entry(i: &[u8]) -> IResult<&[u8], FeatureName> {
 }
 
 fn parse_bitmaps_ext(i: &[u8]) -> IResult<&[u8], BitmapsExt> {
-    let (i, (nb_bitmaps, _reserved, directory_size, directory_offset)) = (be_u32, be_u32, be_u64, be_u64).parse(i)?;
+    let (i, (nb_bitmaps, _reserved, directory_size, directory_offset)) =
+        (be_u32, be_u32, be_u64, be_u64).parse(i)?;
     Ok((
         i,
         BitmapsExt {
@@ -291,7 +306,10 @@ impl Header {
     /// Name of an incompatible feature bit, from the image's own feature table when it has one.
     pub fn feature_name(&self, kind: FeatureKind, bit: u8) -> Option<&str> {
         self.extensions.iter().find_map(|e| match e {
-            Extension::FeatureTable(t) => t.iter().find(|f| f.kind == kind && f.bit == bit).map(|f| f.name.as_str()),
+            Extension::FeatureTable(t) => t
+                .iter()
+                .find(|f| f.kind == kind && f.bit == bit)
+                .map(|f| f.name.as_str()),
             _ => None,
         })
     }
@@ -311,14 +329,23 @@ impl Header {
         let (_, f) = parse_fixed(buf).map_err(|_| {
             fail(
                 "header",
-                format!("file is {} bytes, shorter than the {V2_HEADER_LEN}-byte header", buf.len()),
+                format!(
+                    "file is {} bytes, shorter than the {V2_HEADER_LEN}-byte header",
+                    buf.len()
+                ),
             )
         })?;
         if f.magic != MAGIC {
-            return Err(fail("magic", format!("{:#010x} is not the qcow2 magic QFI\\xfb", f.magic)));
+            return Err(fail(
+                "magic",
+                format!("{:#010x} is not the qcow2 magic QFI\\xfb", f.magic),
+            ));
         }
         if f.version != 2 && f.version != 3 {
-            return Err(Error::unsupported(path, format!("qcow2 version {} (only 2 and 3 exist)", f.version)));
+            return Err(Error::unsupported(
+                path,
+                format!("qcow2 version {} (only 2 and 3 exist)", f.version),
+            ));
         }
         if !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&f.cluster_bits) {
             return Err(fail(
@@ -342,7 +369,10 @@ impl Header {
                 ));
             }
             if hl as usize > buf.len() {
-                return Err(fail("header", format!("header_length {hl} runs past the end of the file")));
+                return Err(fail(
+                    "header",
+                    format!("header_length {hl} runs past the end of the file"),
+                ));
             }
             (Some(v3), hl as usize)
         } else {
@@ -353,10 +383,20 @@ impl Header {
             None => (0, 0, 0, 4),
         };
         if refcount_order > 6 {
-            return Err(fail("refcount_order", format!("{refcount_order} is above 6 (64-bit refcounts)")));
+            return Err(fail(
+                "refcount_order",
+                format!("{refcount_order} is above 6 (64-bit refcounts)"),
+            ));
         }
-        let compression_byte = if header_length > V3_MIN_HEADER_LEN { buf[V3_MIN_HEADER_LEN] } else { 0 };
-        let compression_type = match (incompatible & incompat::COMPRESSION_TYPE != 0, compression_byte) {
+        let compression_byte = if header_length > V3_MIN_HEADER_LEN {
+            buf[V3_MIN_HEADER_LEN]
+        } else {
+            0
+        };
+        let compression_type = match (
+            incompatible & incompat::COMPRESSION_TYPE != 0,
+            compression_byte,
+        ) {
             (_, 0) => CompressionType::Deflate,
             (true, 1) => CompressionType::Zstd,
             (false, n) => {
@@ -365,17 +405,29 @@ impl Header {
                     format!("{n} is set but the compression-type incompatible bit is not"),
                 ))
             }
-            (true, n) => return Err(Error::unsupported(path, format!("compression type {n} (known: 0 deflate, 1 zstd)"))),
+            (true, n) => {
+                return Err(Error::unsupported(
+                    path,
+                    format!("compression type {n} (known: 0 deflate, 1 zstd)"),
+                ))
+            }
         };
 
         // Extensions.
         let mut extensions = Vec::new();
         let ext_area_end = (cluster_size as usize).min(buf.len());
-        let mut rest = if header_length <= ext_area_end { &buf[header_length..ext_area_end] } else { &buf[..0] };
+        let mut rest = if header_length <= ext_area_end {
+            &buf[header_length..ext_area_end]
+        } else {
+            &buf[..0]
+        };
         let mut saw_end = false;
         while rest.len() >= 8 {
             let (next, (kind, data)) = parse_ext_record(rest).map_err(|_| {
-                fail("header extension", "a header extension runs past the end of the first cluster".to_string())
+                fail(
+                    "header extension",
+                    "a header extension runs past the end of the first cluster".to_string(),
+                )
             })?;
             rest = next;
             match kind {
@@ -383,27 +435,43 @@ impl Header {
                     saw_end = true;
                     break;
                 }
-                ext::BACKING_FORMAT => extensions.push(Extension::BackingFormat(utf8(path, "backing format", data)?)),
+                ext::BACKING_FORMAT => extensions.push(Extension::BackingFormat(utf8(
+                    path,
+                    "backing format",
+                    data,
+                )?)),
                 ext::FEATURE_TABLE => {
                     if data.len() % 48 != 0 {
-                        return Err(fail("feature name table", format!("length {} is not a multiple of 48", data.len())));
+                        return Err(fail(
+                            "feature name table",
+                            format!("length {} is not a multiple of 48", data.len()),
+                        ));
                     }
                     let mut names = Vec::with_capacity(data.len() / 48);
                     let mut d = data;
                     while !d.is_empty() {
-                        let (n, e) = parse_feature_entry(d)
-                            .map_err(|_| fail("feature name table", "truncated entry".to_string()))?;
+                        let (n, e) = parse_feature_entry(d).map_err(|_| {
+                            fail("feature name table", "truncated entry".to_string())
+                        })?;
                         names.push(e);
                         d = n;
                     }
                     extensions.push(Extension::FeatureTable(names));
                 }
                 ext::BITMAPS => {
-                    let (_, b) = parse_bitmaps_ext(data)
-                        .map_err(|_| fail("bitmaps extension", format!("length {} is shorter than 24", data.len())))?;
+                    let (_, b) = parse_bitmaps_ext(data).map_err(|_| {
+                        fail(
+                            "bitmaps extension",
+                            format!("length {} is shorter than 24", data.len()),
+                        )
+                    })?;
                     extensions.push(Extension::Bitmaps(b));
                 }
-                ext::EXTERNAL_DATA => extensions.push(Extension::ExternalDataFile(utf8(path, "external data file name", data)?)),
+                ext::EXTERNAL_DATA => extensions.push(Extension::ExternalDataFile(utf8(
+                    path,
+                    "external data file name",
+                    data,
+                )?)),
                 kind => extensions.push(Extension::Unknown {
                     kind,
                     data: data.to_vec(),
@@ -411,7 +479,10 @@ impl Header {
             }
         }
         if !saw_end && f.version == 3 && buf.len() >= cluster_size as usize {
-            return Err(fail("header extension", "no end-of-extensions marker in the first cluster".to_string()));
+            return Err(fail(
+                "header extension",
+                "no end-of-extensions marker in the first cluster".to_string(),
+            ));
         }
 
         // Backing file name.
@@ -419,7 +490,10 @@ impl Header {
             if f.backing_file_size > MAX_BACKING_NAME {
                 return Err(fail(
                     "backing_file_size",
-                    format!("{} is longer than {MAX_BACKING_NAME} bytes", f.backing_file_size),
+                    format!(
+                        "{} is longer than {MAX_BACKING_NAME} bytes",
+                        f.backing_file_size
+                    ),
                 ));
             }
             let start = f.backing_file_offset;
@@ -436,7 +510,11 @@ impl Header {
                     format!("name at {start}..{end} is outside the first cluster or past the end of the file"),
                 ));
             }
-            Some(utf8(path, "backing file name", &buf[start as usize..end as usize])?)
+            Some(utf8(
+                path,
+                "backing file name",
+                &buf[start as usize..end as usize],
+            )?)
         } else {
             None
         };
@@ -475,21 +553,32 @@ impl Header {
         if unknown != 0 {
             let names: Vec<String> = (0..64)
                 .filter(|b| unknown & (1u64 << b) != 0)
-                .map(|b| match self.feature_name(FeatureKind::Incompatible, b as u8) {
-                    Some(n) => format!("bit {b} ({n})"),
-                    None => format!("bit {b}"),
-                })
+                .map(
+                    |b| match self.feature_name(FeatureKind::Incompatible, b as u8) {
+                        Some(n) => format!("bit {b} ({n})"),
+                        None => format!("bit {b}"),
+                    },
+                )
                 .collect();
             return Err(Error::unsupported(
                 path,
-                format!("unknown incompatible feature {}; this image needs a newer reader", names.join(", ")),
+                format!(
+                    "unknown incompatible feature {}; this image needs a newer reader",
+                    names.join(", ")
+                ),
             ));
         }
         if self.incompatible_features & incompat::EXTERNAL_DATA != 0 {
-            return Err(Error::unsupported(path, "external data files are not supported; convert the image with qemu-img convert"));
+            return Err(Error::unsupported(
+                path,
+                "external data files are not supported; convert the image with qemu-img convert",
+            ));
         }
         if self.crypt_method != 0 {
-            return Err(Error::unsupported(path, format!("encrypted images (crypt_method {})", self.crypt_method)));
+            return Err(Error::unsupported(
+                path,
+                format!("encrypted images (crypt_method {})", self.crypt_method),
+            ));
         }
         if self.extended_l2() && self.cluster_bits < 14 {
             return Err(fail(
@@ -503,11 +592,17 @@ impl Header {
             ("snapshots_offset", self.snapshots_offset),
         ] {
             if off % cs != 0 {
-                return Err(fail(field, format!("{off:#x} is not aligned to the cluster size {cs}")));
+                return Err(fail(
+                    field,
+                    format!("{off:#x} is not aligned to the cluster size {cs}"),
+                ));
             }
         }
         if self.refcount_table_offset == 0 {
-            return Err(fail("refcount_table_offset", "is zero (the header cluster)".to_string()));
+            return Err(fail(
+                "refcount_table_offset",
+                "is zero (the header cluster)".to_string(),
+            ));
         }
         if self.refcount_table_clusters == 0 {
             return Err(fail("refcount_table_clusters", "is zero".to_string()));
@@ -515,24 +610,36 @@ impl Header {
         if self.refcount_table_clusters as u64 * cs > MAX_REFTABLE_BYTES {
             return Err(fail(
                 "refcount_table_clusters",
-                format!("{} clusters is larger than the {MAX_REFTABLE_BYTES}-byte limit", self.refcount_table_clusters),
+                format!(
+                    "{} clusters is larger than the {MAX_REFTABLE_BYTES}-byte limit",
+                    self.refcount_table_clusters
+                ),
             ));
         }
         if self.l1_size as u64 * 8 > MAX_L1_BYTES {
             return Err(fail(
                 "l1_size",
-                format!("{} entries is larger than the {MAX_L1_BYTES}-byte limit", self.l1_size),
+                format!(
+                    "{} entries is larger than the {MAX_L1_BYTES}-byte limit",
+                    self.l1_size
+                ),
             ));
         }
         let needed = Self::l1_entries_for(self.size, self.cluster_bits, self.extended_l2());
         if needed > self.l1_size as u64 {
             return Err(fail(
                 "l1_size",
-                format!("{} entries cannot map the virtual size {} (needs {needed})", self.l1_size, self.size),
+                format!(
+                    "{} entries cannot map the virtual size {} (needs {needed})",
+                    self.l1_size, self.size
+                ),
             ));
         }
         if self.l1_size > 0 && self.l1_table_offset == 0 {
-            return Err(fail("l1_table_offset", "is zero but l1_size is not".to_string()));
+            return Err(fail(
+                "l1_table_offset",
+                "is zero but l1_size is not".to_string(),
+            ));
         }
         Ok(())
     }
@@ -582,7 +689,9 @@ impl Header {
         };
         for e in &self.extensions {
             match e {
-                Extension::BackingFormat(f) => push_ext(&mut out, ext::BACKING_FORMAT, f.as_bytes()),
+                Extension::BackingFormat(f) => {
+                    push_ext(&mut out, ext::BACKING_FORMAT, f.as_bytes())
+                }
                 Extension::FeatureTable(t) => {
                     let mut d = Vec::with_capacity(t.len() * 48);
                     for f in t {
@@ -607,7 +716,9 @@ impl Header {
                     d.extend_from_slice(&b.directory_offset.to_be_bytes());
                     push_ext(&mut out, ext::BITMAPS, &d);
                 }
-                Extension::ExternalDataFile(n) => push_ext(&mut out, ext::EXTERNAL_DATA, n.as_bytes()),
+                Extension::ExternalDataFile(n) => {
+                    push_ext(&mut out, ext::EXTERNAL_DATA, n.as_bytes())
+                }
                 Extension::Unknown { kind, data } => push_ext(&mut out, *kind, data),
             }
         }
@@ -617,7 +728,9 @@ impl Header {
         match &self.backing_file {
             Some(name) => {
                 if name.len() as u32 > MAX_BACKING_NAME {
-                    return Err(format!("backing file name is longer than {MAX_BACKING_NAME} bytes"));
+                    return Err(format!(
+                        "backing file name is longer than {MAX_BACKING_NAME} bytes"
+                    ));
                 }
                 self.backing_file_offset = out.len() as u64;
                 self.backing_file_size = name.len() as u32;
@@ -629,7 +742,10 @@ impl Header {
             }
         }
         if out.len() > cs {
-            return Err(format!("header and extensions need {} bytes, more than one {cs}-byte cluster", out.len()));
+            return Err(format!(
+                "header and extensions need {} bytes, more than one {cs}-byte cluster",
+                out.len()
+            ));
         }
         out[8..16].copy_from_slice(&self.backing_file_offset.to_be_bytes());
         out[16..20].copy_from_slice(&self.backing_file_size.to_be_bytes());
@@ -708,7 +824,9 @@ mod tests {
         let mut h = sample();
         h.incompatible_features |= 1 << 9;
         let bytes = h.to_cluster().unwrap();
-        let e = Header::parse(&bytes, Path::new("img.qcow2")).unwrap_err().to_string();
+        let e = Header::parse(&bytes, Path::new("img.qcow2"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("img.qcow2") && e.contains("bit 9"), "{e}");
     }
 
@@ -717,7 +835,9 @@ mod tests {
         let mut h = sample();
         h.incompatible_features |= incompat::EXTERNAL_DATA;
         let bytes = h.to_cluster().unwrap();
-        let e = Header::parse(&bytes, Path::new("x")).unwrap_err().to_string();
+        let e = Header::parse(&bytes, Path::new("x"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("external data"), "{e}");
     }
 
@@ -726,7 +846,9 @@ mod tests {
         let mut h = sample();
         let bytes = h.to_cluster().unwrap();
         for len in [0, 10, 71, 80, 103] {
-            let e = Header::parse(&bytes[..len], Path::new("t.qcow2")).unwrap_err().to_string();
+            let e = Header::parse(&bytes[..len], Path::new("t.qcow2"))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("t.qcow2") && e.contains("shorter"), "{len}: {e}");
         }
     }
@@ -736,7 +858,9 @@ mod tests {
         let mut h = sample();
         let mut bytes = h.to_cluster().unwrap();
         bytes[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
-        let e = Header::parse(&bytes, Path::new("x")).unwrap_err().to_string();
+        let e = Header::parse(&bytes, Path::new("x"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("backing_file_offset"), "{e}");
     }
 
@@ -745,7 +869,9 @@ mod tests {
         let mut h = sample();
         h.size = 1 << 40;
         let bytes = h.to_cluster().unwrap();
-        let e = Header::parse(&bytes, Path::new("x")).unwrap_err().to_string();
+        let e = Header::parse(&bytes, Path::new("x"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("l1_size"), "{e}");
     }
 }

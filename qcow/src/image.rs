@@ -51,8 +51,8 @@ use crate::compress::decompress;
 use crate::error::{Error, Result};
 use crate::header::{self, CompressionType, Header};
 use crate::meta::{
-    be64, compressed_extent, get_refcount, set_refcount, sub_state, Geometry, HostOffset, L2Entry, SubState,
-    ALL_ALLOC_BITS, ALL_ZERO_BITS, COPIED, L1_OFFSET_MASK, REFT_OFFSET_MASK,
+    be64, compressed_extent, get_refcount, set_refcount, sub_state, Geometry, HostOffset, L2Entry,
+    SubState, ALL_ALLOC_BITS, ALL_ZERO_BITS, COPIED, L1_OFFSET_MASK, REFT_OFFSET_MASK,
 };
 
 /// How to open an image.
@@ -219,15 +219,23 @@ impl Image {
     }
 
     /// Open an image whose unallocated ranges read from `backing`.
-    pub fn open_with_backing(path: &Path, opts: &OpenOptions, backing: Option<Arc<Chain>>) -> Result<Image> {
+    pub fn open_with_backing(
+        path: &Path,
+        opts: &OpenOptions,
+        backing: Option<Arc<Chain>>,
+    ) -> Result<Image> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(opts.writable)
             .open(path)
             .map_err(|e| Error::io(path, "open", e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io(path, "stat", e))?
+            .len();
         let mut first = vec![0u8; (2u64 << 20).min(file_len) as usize];
-        file.read_exact_at(&mut first, 0).map_err(|e| Error::io(path, "read header", e))?;
+        file.read_exact_at(&mut first, 0)
+            .map_err(|e| Error::io(path, "read header", e))?;
         let header = Header::parse(&first, path)?;
         let geo = Geometry::from_header(&header);
         let cs = geo.cluster_size;
@@ -239,16 +247,27 @@ impl Image {
             } else if header.incompatible_features & header::incompat::DIRTY != 0 {
                 Some("the dirty bit is set (refcounts may be stale); repair with qemu-img check -r all".to_string())
             } else if header.incompatible_features & header::incompat::CORRUPT != 0 {
-                Some("the image is marked corrupt; repair it with qemu-img check -r all".to_string())
+                Some(
+                    "the image is marked corrupt; repair it with qemu-img check -r all".to_string(),
+                )
             } else if header.nb_snapshots != 0 {
-                Some(format!("it has {} internal snapshots, which chainvault does not write", header.nb_snapshots))
+                Some(format!(
+                    "it has {} internal snapshots, which chainvault does not write",
+                    header.nb_snapshots
+                ))
             } else if header.bitmaps().is_some() {
-                Some("it has persistent dirty bitmaps, which a write by chainvault would invalidate".to_string())
+                Some(
+                    "it has persistent dirty bitmaps, which a write by chainvault would invalidate"
+                        .to_string(),
+                )
             } else {
                 None
             };
             if let Some(why) = why {
-                return Err(Error::unsupported(path, format!("cannot open read-write: {why}")));
+                return Err(Error::unsupported(
+                    path,
+                    format!("cannot open read-write: {why}"),
+                ));
             }
         }
 
@@ -266,7 +285,9 @@ impl Image {
         let mut l1raw = vec![0u8; l1_bytes as usize];
         file.read_exact_at(&mut l1raw, header.l1_table_offset)
             .map_err(|e| Error::io(path, "read L1 table", e))?;
-        let entries: Vec<u64> = (0..header.l1_size as usize).map(|i| be64(&l1raw, i)).collect();
+        let entries: Vec<u64> = (0..header.l1_size as usize)
+            .map(|i| be64(&l1raw, i))
+            .collect();
 
         // Refcount table.
         let rt_bytes = header.refcount_table_clusters as u64 * cs;
@@ -379,7 +400,9 @@ impl Image {
 
     fn check_writable(&self) -> Result<()> {
         if !self.writable {
-            return Err(Error::ReadOnly { path: self.path.clone() });
+            return Err(Error::ReadOnly {
+                path: self.path.clone(),
+            });
         }
         if self.poisoned.load(Ordering::Acquire) {
             return Err(Error::unsupported(
@@ -408,7 +431,9 @@ impl Image {
     }
 
     fn pwrite(&self, buf: &[u8], off: u64, what: &'static str) -> Result<()> {
-        self.file.write_all_at(buf, off).map_err(|e| Error::io(&self.path, what, e))
+        self.file
+            .write_all_at(buf, off)
+            .map_err(|e| Error::io(&self.path, what, e))
     }
 
     // ---------------------------------------------------------------- L2 cache
@@ -424,7 +449,10 @@ impl Image {
                 .iter()
                 .filter(|(_, s)| {
                     Arc::strong_count(s) == 1
-                        && s.st.try_lock().map(|st| !st.dirty && st.inflight.is_empty()).unwrap_or(false)
+                        && s.st
+                            .try_lock()
+                            .map(|st| !st.dirty && st.inflight.is_empty())
+                            .unwrap_or(false)
                 })
                 .map(|(k, _)| *k)
                 .take(cache.len() / 4 + 1)
@@ -471,7 +499,9 @@ impl Image {
             st.table_off = 0;
             st.raw = vec![0; n];
         } else {
-            self.check_cluster_at(off, "L1 entry", || format!("L1 index {l1i} points to an L2 table at {off:#x}"))?;
+            self.check_cluster_at(off, "L1 entry", || {
+                format!("L1 index {l1i} points to an L2 table at {off:#x}")
+            })?;
             if self.writable && l1e & COPIED == 0 {
                 return Err(self.fail(
                     "L1 entry",
@@ -508,15 +538,25 @@ impl Image {
 
     /// Validate a data cluster's host offset taken from an L2 entry.
     fn check_host(&self, host: u64, guest: u64) -> Result<()> {
-        self.check_cluster_at(host, "L2 entry", || format!("guest offset {guest:#x} maps to host offset {host:#x}"))
+        self.check_cluster_at(host, "L2 entry", || {
+            format!("guest offset {guest:#x} maps to host offset {host:#x}")
+        })
     }
 
     /// A cluster-sized structure at `off` must be cluster-aligned and inside
     /// the file; `subject` says what pointed there, for the error.
-    fn check_cluster_at(&self, off: u64, field: &'static str, subject: impl FnOnce() -> String) -> Result<()> {
+    fn check_cluster_at(
+        &self,
+        off: u64,
+        field: &'static str,
+        subject: impl FnOnce() -> String,
+    ) -> Result<()> {
         let cs = self.geo.cluster_size;
         if !off.is_multiple_of(cs) {
-            return Err(self.fail(field, format!("{}, not aligned to the {cs}-byte cluster size", subject())));
+            return Err(self.fail(
+                field,
+                format!("{}, not aligned to the {cs}-byte cluster size", subject()),
+            ));
         }
         if off.saturating_add(cs) > self.end.load(Ordering::Acquire) {
             return Err(self.fail(field, format!("{}, past the end of the file", subject())));
@@ -525,7 +565,13 @@ impl Image {
     }
 
     /// Describe guest range `[start, end)`, which lies inside one L2 table.
-    fn segments(&self, st: &SlotState, start: u64, end: u64, out: &mut Vec<(u64, u64, Seg)>) -> Result<()> {
+    fn segments(
+        &self,
+        st: &SlotState,
+        start: u64,
+        end: u64,
+        out: &mut Vec<(u64, u64, Seg)>,
+    ) -> Result<()> {
         let cs = self.geo.cluster_size;
         let ss = self.geo.subcluster_size;
         let mut pos = start;
@@ -556,7 +602,9 @@ impl Image {
                     self.check_host(host.0, cbase)?;
                     push(pos, cend - pos, Seg::Data(host.0 + (pos - cbase)))
                 }
-                L2Entry::Compressed { descriptor } => push(pos, cend - pos, Seg::Compressed(descriptor)),
+                L2Entry::Compressed { descriptor } => {
+                    push(pos, cend - pos, Seg::Compressed(descriptor))
+                }
                 L2Entry::Sub { host, bitmap, .. } => {
                     if let Some(h) = host {
                         self.check_host(h.0, cbase)?;
@@ -604,7 +652,10 @@ impl Image {
         if off.0 >= end {
             return Err(self.fail(
                 "compressed cluster",
-                format!("compressed data at {:#x} is past the end of the file", off.0),
+                format!(
+                    "compressed data at {:#x} is past the end of the file",
+                    off.0
+                ),
             ));
         }
         let len = len.min(end - off.0).min(2 * self.geo.cluster_size + 512);
@@ -621,7 +672,13 @@ impl Image {
     /// Read this layer only. Ranges this layer does not allocate are appended to
     /// `holes` as (guest offset, length), and zero-filled in `buf` only when
     /// `zero_holes` is set (a layer below that fills them anyway skips it).
-    pub(crate) fn read_own(&self, buf: &mut [u8], off: u64, holes: &mut Vec<(u64, u64)>, zero_holes: bool) -> Result<()> {
+    pub(crate) fn read_own(
+        &self,
+        buf: &mut [u8],
+        off: u64,
+        holes: &mut Vec<(u64, u64)>,
+        zero_holes: bool,
+    ) -> Result<()> {
         let end = off + buf.len() as u64;
         let mut pos = off;
         let mut segs = Vec::new();
@@ -727,7 +784,9 @@ impl Image {
         let off = a.rt.get(r as usize).copied().unwrap_or(0) & REFT_OFFSET_MASK;
         let mut data = vec![0u8; cs as usize];
         if off != 0 {
-            self.check_cluster_at(off, "refcount table", || format!("entry {r} points to a refcount block at {off:#x}"))?;
+            self.check_cluster_at(off, "refcount table", || {
+                format!("entry {r} points to a refcount block at {off:#x}")
+            })?;
             self.pread(&mut data, off, "read refcount block")?;
         }
         a.blocks.insert(r, RefBlock { data });
@@ -740,14 +799,21 @@ impl Image {
             return Ok(0);
         }
         self.load_block(a, r)?;
-        Ok(a.blocks.get(&r).map_or(0, |b| get_refcount(&b.data, self.geo.refcount_order, c % self.geo.rb_entries)))
+        Ok(a.blocks.get(&r).map_or(0, |b| {
+            get_refcount(&b.data, self.geo.refcount_order, c % self.geo.rb_entries)
+        }))
     }
 
     fn set_rc(&self, a: &mut Allocator, c: u64, v: u64) -> Result<()> {
         let r = c / self.geo.rb_entries;
         self.load_block(a, r)?;
         if let Some(b) = a.blocks.get_mut(&r) {
-            set_refcount(&mut b.data, self.geo.refcount_order, c % self.geo.rb_entries, v);
+            set_refcount(
+                &mut b.data,
+                self.geo.refcount_order,
+                c % self.geo.rb_entries,
+                v,
+            );
             a.dirty_blocks.insert(r);
         }
         Ok(())
@@ -775,7 +841,9 @@ impl Image {
         let mut c = a.next;
         loop {
             let cr = c / rbe;
-            if cr == r || (a.rt.get(cr as usize).copied().unwrap_or(0) != 0 && self.refcount(a, c)? == 0) {
+            if cr == r
+                || (a.rt.get(cr as usize).copied().unwrap_or(0) != 0 && self.refcount(a, c)? == 0)
+            {
                 break;
             }
             if a.rt.get(cr as usize).copied().unwrap_or(0) == 0 {
@@ -797,7 +865,8 @@ impl Image {
         a.dirty_blocks.insert(r);
         self.set_rc(a, c, 1)?;
         a.next = a.next.max(c + 1);
-        self.end.fetch_max((c + 1) << self.geo.cluster_bits, Ordering::AcqRel);
+        self.end
+            .fetch_max((c + 1) << self.geo.cluster_bits, Ordering::AcqRel);
         Ok(true)
     }
 
@@ -862,7 +931,8 @@ impl Image {
                 self.set_rc(a, c, 1)?;
             }
             a.next = start + n;
-            self.end.fetch_max((start + n) << self.geo.cluster_bits, Ordering::AcqRel);
+            self.end
+                .fetch_max((start + n) << self.geo.cluster_bits, Ordering::AcqRel);
             return Ok(start);
         }
     }
@@ -951,7 +1021,11 @@ impl Image {
                         host: host.0 + a,
                     }
                 }
-                L2Entry::Sub { host: Some(h), copied, bitmap } => {
+                L2Entry::Sub {
+                    host: Some(h),
+                    copied,
+                    bitmap,
+                } => {
                     self.check_host(h.0, cbase)?;
                     let (s0, s1) = ((a / ss) as u32, ((b - 1) / ss) as u32);
                     let all_data = (s0..=s1).all(|s| sub_state(bitmap, s) == SubState::Data);
@@ -995,7 +1069,10 @@ impl Image {
                 break;
             }
             let mut plan = self.plan_write(&st, start, end)?;
-            let fresh = plan.iter().filter(|a| matches!(a, Action::Remap { fresh: true, .. })).count() as u64;
+            let fresh = plan
+                .iter()
+                .filter(|a| matches!(a, Action::Remap { fresh: true, .. }))
+                .count() as u64;
             if fresh > 0 || plan.iter().any(|a| matches!(a, Action::Remap { .. })) {
                 self.ensure_table(l1i, &mut st)?;
             }
@@ -1003,7 +1080,10 @@ impl Image {
                 let first = self.alloc_run(fresh)?;
                 let mut next = first;
                 for act in plan.iter_mut() {
-                    if let Action::Remap { host, fresh: true, .. } = act {
+                    if let Action::Remap {
+                        host, fresh: true, ..
+                    } = act
+                    {
                         *host = Some(next << self.geo.cluster_bits);
                         next += 1;
                     }
@@ -1096,7 +1176,12 @@ impl Image {
                 Action::Direct { guest, len, host } => {
                     // Merge with following direct pieces contiguous in guest and host.
                     let (mut glen, mut j) = (len, i + 1);
-                    while let Some(Action::Direct { guest: g2, len: l2, host: h2 }) = plan.get(j).copied() {
+                    while let Some(Action::Direct {
+                        guest: g2,
+                        len: l2,
+                        host: h2,
+                    }) = plan.get(j).copied()
+                    {
                         if g2 == guest + glen && h2 == host + glen {
                             glen += l2;
                             j += 1;
@@ -1142,11 +1227,12 @@ impl Image {
                     }
                     // Region to write: the whole cluster (standard L2, or replacing a
                     // compressed cluster), or the touched subclusters (extended L2).
-                    let (ra, rb) = if self.geo.extended_l2 && !matches!(old, L2Entry::Compressed { .. }) {
-                        (a / ss * ss, b.div_ceil(ss) * ss)
-                    } else {
-                        (0, cs)
-                    };
+                    let (ra, rb) =
+                        if self.geo.extended_l2 && !matches!(old, L2Entry::Compressed { .. }) {
+                            (a / ss * ss, b.div_ceil(ss) * ss)
+                        } else {
+                            (0, cs)
+                        };
                     let mut buf = vec![0u8; (rb - ra) as usize];
                     if a > ra {
                         self.fill_old(&old, guest_cluster, ra, &mut buf[..(a - ra) as usize])?;
@@ -1154,7 +1240,8 @@ impl Image {
                     if rb > b {
                         self.fill_old(&old, guest_cluster, b, &mut buf[(b - ra) as usize..])?;
                     }
-                    buf[(a - ra) as usize..(b - ra) as usize].copy_from_slice(slice(guest_cluster + a, b - a));
+                    buf[(a - ra) as usize..(b - ra) as usize]
+                        .copy_from_slice(slice(guest_cluster + a, b - a));
                     self.pwrite(&buf, h + ra, "write data")?;
                     i += 1;
                 }
@@ -1174,7 +1261,9 @@ impl Image {
                 out.fill(0);
                 Ok(())
             }
-            L2Entry::Normal { host, .. } => self.pread(out, host.0 + x, "read data for copy-on-write"),
+            L2Entry::Normal { host, .. } => {
+                self.pread(out, host.0 + x, "read data for copy-on-write")
+            }
             L2Entry::Compressed { descriptor } => {
                 let d = self.read_compressed(descriptor)?;
                 out.copy_from_slice(&d[x as usize..x as usize + out.len()]);
@@ -1188,7 +1277,9 @@ impl Image {
                     let send = ((si as u64 + 1) * ss).min(end);
                     let o = &mut out[(p - x) as usize..(send - x) as usize];
                     match (sub_state(bitmap, si), host) {
-                        (SubState::Data, Some(h)) => self.pread(o, h.0 + p, "read data for copy-on-write")?,
+                        (SubState::Data, Some(h)) => {
+                            self.pread(o, h.0 + p, "read data for copy-on-write")?
+                        }
                         (SubState::Unallocated, _) => self.read_backing(o, cbase + p)?,
                         _ => o.fill(0),
                     }
@@ -1231,7 +1322,11 @@ impl Image {
         if len == 0 {
             return Ok(());
         }
-        let g = if self.geo.extended_l2 { self.geo.subcluster_size } else { self.geo.cluster_size };
+        let g = if self.geo.extended_l2 {
+            self.geo.subcluster_size
+        } else {
+            self.geo.cluster_size
+        };
         let end = off + len;
         let astart = off.div_ceil(g) * g;
         let aend = (end / g * g).max(astart);
@@ -1273,14 +1368,25 @@ impl Image {
         while pos < end {
             let l1i = self.geo.l1_index(pos);
             let tend = ((l1i + 1) << self.geo.l2_span_bits).min(end);
-            self.write_table(l1i, &zeros[(pos - off) as usize..(tend - off) as usize], pos)?;
+            self.write_table(
+                l1i,
+                &zeros[(pos - off) as usize..(tend - off) as usize],
+                pos,
+            )?;
             pos = tend;
         }
         Ok(())
     }
 
     /// Zero whole (sub)clusters `[start, end)` inside one L2 table, by metadata only.
-    fn zero_table(&self, l1i: u64, start: u64, end: u64, may_unmap: bool, discard: bool) -> Result<()> {
+    fn zero_table(
+        &self,
+        l1i: u64,
+        start: u64,
+        end: u64,
+        may_unmap: bool,
+        discard: bool,
+    ) -> Result<()> {
         let cs = self.geo.cluster_size;
         let ss = self.geo.subcluster_size;
         let slot = self.slot(l1i);
@@ -1344,9 +1450,17 @@ impl Image {
                         drop(_io);
                         lock(&self.alloc).pending_free.extend(frees);
                         self.zero_partial_force(pos, cend - pos)?;
-                        return if cend < end { self.zero_table(l1i, cend, end, may_unmap, discard) } else { Ok(()) };
+                        return if cend < end {
+                            self.zero_table(l1i, cend, end, may_unmap, discard)
+                        } else {
+                            Ok(())
+                        };
                     }
-                    L2Entry::Sub { host, copied, bitmap } => {
+                    L2Entry::Sub {
+                        host,
+                        copied,
+                        bitmap,
+                    } => {
                         let mut bm = bitmap;
                         for s in s0..=s1 {
                             bm &= !(1u64 << s);
@@ -1379,7 +1493,6 @@ impl Image {
         }
         Ok(())
     }
-
 
     fn zero_partial_force(&self, off: u64, len: u64) -> Result<()> {
         let zeros = vec![0u8; len as usize];
@@ -1550,7 +1663,11 @@ impl Image {
             }
             None => {
                 for (i, v) in &w.entries {
-                    self.pwrite(&v.to_be_bytes(), w.table_offset + *i as u64 * 8, "write refcount table")?;
+                    self.pwrite(
+                        &v.to_be_bytes(),
+                        w.table_offset + *i as u64 * 8,
+                        "write refcount table",
+                    )?;
                 }
                 Ok(Vec::new())
             }
@@ -1558,7 +1675,9 @@ impl Image {
     }
 
     fn sync(&self, what: &'static str) -> Result<()> {
-        self.file.sync_data().map_err(|e| Error::io(&self.path, what, e))
+        self.file
+            .sync_data()
+            .map_err(|e| Error::io(&self.path, what, e))
     }
 }
 

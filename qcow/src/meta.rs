@@ -61,7 +61,11 @@ impl Geometry {
             l2_entry_size,
             l2_entries,
             l2_span_bits: cluster_bits + l2_entries.trailing_zeros(),
-            subcluster_size: if extended_l2 { cluster_size / 32 } else { cluster_size },
+            subcluster_size: if extended_l2 {
+                cluster_size / 32
+            } else {
+                cluster_size
+            },
             refcount_order,
             rb_entries: (cluster_size * 8) >> refcount_order,
             size,
@@ -106,7 +110,11 @@ pub enum L2Entry {
     Compressed { descriptor: u64 },
     /// Extended L2: the cluster's 32 subclusters, each data/zero/unallocated.
     /// `host` is the cluster's host offset, or None if no data subcluster exists.
-    Sub { host: Option<HostOffset>, copied: bool, bitmap: u64 },
+    Sub {
+        host: Option<HostOffset>,
+        copied: bool,
+        bitmap: u64,
+    },
 }
 
 /// Subcluster state in an extended L2 entry.
@@ -129,9 +137,17 @@ impl L2Entry {
         }
         let off = raw & L2_OFFSET_MASK;
         let copied = raw & COPIED != 0;
-        let host = if off != 0 { Some(HostOffset(off)) } else { None };
+        let host = if off != 0 {
+            Some(HostOffset(off))
+        } else {
+            None
+        };
         match bitmap {
-            Some(bm) => L2Entry::Sub { host, copied, bitmap: bm },
+            Some(bm) => L2Entry::Sub {
+                host,
+                copied,
+                bitmap: bm,
+            },
             None => {
                 if raw & ZERO != 0 {
                     L2Entry::Zero { host }
@@ -155,13 +171,19 @@ impl L2Entry {
                     (host.map_or(0, |h| h.0 | COPIED) | ZERO, 0)
                 }
             }
-            L2Entry::Normal { host, copied } => {
-                (host.0 | if copied { COPIED } else { 0 }, if extended { ALL_ALLOC_BITS } else { 0 })
-            }
+            L2Entry::Normal { host, copied } => (
+                host.0 | if copied { COPIED } else { 0 },
+                if extended { ALL_ALLOC_BITS } else { 0 },
+            ),
             L2Entry::Compressed { descriptor } => (descriptor | COMPRESSED, 0),
-            L2Entry::Sub { host, copied, bitmap } => {
-                (host.map_or(0, |h| h.0) | if copied && host.is_some() { COPIED } else { 0 }, bitmap)
-            }
+            L2Entry::Sub {
+                host,
+                copied,
+                bitmap,
+            } => (
+                host.map_or(0, |h| h.0) | if copied && host.is_some() { COPIED } else { 0 },
+                bitmap,
+            ),
         }
     }
 
@@ -248,14 +270,22 @@ mod tests {
     fn refcount_codec_all_orders() {
         for order in 0..=6u32 {
             let bits = 1u32 << order;
-            let max = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
             let mut block = vec![0u8; 512];
             let n = 512 * 8 / bits as u64;
             for i in 0..n {
                 set_refcount(&mut block, order, i, (i * 7 + 3) & max);
             }
             for i in 0..n {
-                assert_eq!(get_refcount(&block, order, i), (i * 7 + 3) & max, "order {order} idx {i}");
+                assert_eq!(
+                    get_refcount(&block, order, i),
+                    (i * 7 + 3) & max,
+                    "order {order} idx {i}"
+                );
             }
         }
     }
@@ -282,7 +312,10 @@ mod tests {
     fn l2_roundtrip() {
         for ext in [false, true] {
             for e in [
-                L2Entry::Normal { host: HostOffset(0x20000), copied: true },
+                L2Entry::Normal {
+                    host: HostOffset(0x20000),
+                    copied: true,
+                },
                 L2Entry::Zero { host: None },
                 L2Entry::Unallocated,
             ] {
@@ -290,9 +323,30 @@ mod tests {
                 let d = L2Entry::decode(r, ext.then_some(b));
                 if ext {
                     match (e, d) {
-                        (L2Entry::Unallocated, L2Entry::Sub { host: None, bitmap: 0, .. }) => {}
-                        (L2Entry::Zero { host: None }, L2Entry::Sub { host: None, bitmap: ALL_ZERO_BITS, .. }) => {}
-                        (L2Entry::Normal { host, .. }, L2Entry::Sub { host: Some(h), bitmap: ALL_ALLOC_BITS, .. }) => {
+                        (
+                            L2Entry::Unallocated,
+                            L2Entry::Sub {
+                                host: None,
+                                bitmap: 0,
+                                ..
+                            },
+                        ) => {}
+                        (
+                            L2Entry::Zero { host: None },
+                            L2Entry::Sub {
+                                host: None,
+                                bitmap: ALL_ZERO_BITS,
+                                ..
+                            },
+                        ) => {}
+                        (
+                            L2Entry::Normal { host, .. },
+                            L2Entry::Sub {
+                                host: Some(h),
+                                bitmap: ALL_ALLOC_BITS,
+                                ..
+                            },
+                        ) => {
                             assert_eq!(host, h)
                         }
                         other => panic!("{other:?}"),

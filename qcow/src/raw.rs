@@ -18,7 +18,10 @@ pub struct RawFile {
 impl RawFile {
     pub fn open(path: &Path) -> Result<RawFile> {
         let file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-        let size = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
+        let size = file
+            .metadata()
+            .map_err(|e| Error::io(path, "stat", e))?
+            .len();
         Ok(RawFile {
             file,
             path: path.to_path_buf(),
@@ -38,7 +41,9 @@ impl RawFile {
     pub fn read_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
         let avail = self.size.saturating_sub(off).min(buf.len() as u64) as usize;
         let (head, tail) = buf.split_at_mut(avail);
-        self.file.read_exact_at(head, off).map_err(|e| Error::io(&self.path, "read", e))?;
+        self.file
+            .read_exact_at(head, off)
+            .map_err(|e| Error::io(&self.path, "read", e))?;
         tail.fill(0);
         Ok(())
     }
@@ -67,7 +72,11 @@ impl RawFile {
         }
         // SAFETY: as above.
         let hole = unsafe { libc::lseek(fd, off as libc::off_t, libc::SEEK_HOLE) };
-        let hole = if hole < 0 { end } else { (hole as u64).min(end) };
+        let hole = if hole < 0 {
+            end
+        } else {
+            (hole as u64).min(end)
+        };
         (true, hole.max(off + 1).min(end) - off)
     }
 }

@@ -17,13 +17,25 @@ use rand::{Rng, SeedableRng};
 const MIB: u64 = 1 << 20;
 
 fn tmp() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("check-vs-qemu").tempdir().unwrap()
+    tempfile::Builder::new()
+        .prefix("check-vs-qemu")
+        .tempdir()
+        .unwrap()
 }
 
 /// A 64 MiB image with data, zero clusters (plain and preallocated) and a gap.
 fn make_std(dir: &Path, name: &str, opts: &str) -> PathBuf {
     let p = dir.join(name);
-    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, p.to_str().unwrap(), "64M"]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        opts,
+        p.to_str().unwrap(),
+        "64M",
+    ]);
     qemu_io(
         &p,
         &[
@@ -106,7 +118,11 @@ fn clean_images_agree_with_qemu() {
     let dir = d.path();
     let mut images = Vec::new();
     for cs in ["512", "4096", "65536", "2M"] {
-        images.push(make_std(dir, &format!("cs{cs}.qcow2"), &format!("cluster_size={cs}")));
+        images.push(make_std(
+            dir,
+            &format!("cs{cs}.qcow2"),
+            &format!("cluster_size={cs}"),
+        ));
     }
     for bits in [1, 2, 4, 8, 32, 64] {
         images.push(make_std(
@@ -182,7 +198,11 @@ fn clean_images_agree_with_qemu() {
             field("image-end-offset"),
             "{what}: image end offset"
         );
-        assert_eq!(r.total_clusters, field("total-clusters"), "{what}: total clusters");
+        assert_eq!(
+            r.total_clusters,
+            field("total-clusters"),
+            "{what}: total clusters"
+        );
         assert_eq!(
             r.allocated_clusters,
             field("allocated-clusters"),
@@ -811,10 +831,19 @@ fn leak_repair_leaves_a_clean_image() {
         assert_eq!(assert_same_class(&p, case.name), 3, "{}", case.name);
 
         let r = check(&p, &CheckOptions { repair_leaks: true }).unwrap();
-        assert!(r.leaks_fixed > 0, "{}: nothing was fixed: {:#?}", case.name, r);
+        assert!(
+            r.leaks_fixed > 0,
+            "{}: nothing was fixed: {:#?}",
+            case.name,
+            r
+        );
         assert!(r.summary().contains("repaired"), "{}", r.summary());
         let (q, qtext) = qemu_check(&p);
-        assert_eq!(q, 0, "{}: after our repair qemu-img check says:\n{qtext}", case.name);
+        assert_eq!(
+            q, 0,
+            "{}: after our repair qemu-img check says:\n{qtext}",
+            case.name
+        );
         let (o, otext, _) = our_check(&p);
         assert_eq!(o, 0, "{}: after repair our check says:\n{otext}", case.name);
         assert_eq!(
@@ -837,7 +866,11 @@ fn leak_repair_leaves_a_clean_image() {
             "{}: repair changed bytes it should not have",
             case.name
         );
-        assert!(after[before.len()..].iter().all(|&b| b == 0), "{}", case.name);
+        assert!(
+            after[before.len()..].iter().all(|&b| b == 0),
+            "{}",
+            case.name
+        );
     }
 }
 
@@ -859,7 +892,11 @@ fn repair_leaves_corruptions_alone() {
     assert_eq!(r.leaks, 0);
     assert_eq!(r.corruptions, 1, "{r:#?}");
     assert_eq!(assert_same_class(&p, "after repair"), 2);
-    assert_eq!(Img::open(&p).u64(at), raw & !COPIED, "the corrupt entry is untouched");
+    assert_eq!(
+        Img::open(&p).u64(at),
+        raw & !COPIED,
+        "the corrupt entry is untouched"
+    );
 }
 
 /// Repair refuses to run while QEMU holds the image open.
@@ -882,7 +919,9 @@ fn repair_refuses_an_image_in_use() {
     let r = check(&p, &CheckOptions { repair_leaks: true });
     let _ = child.kill();
     let _ = child.wait();
-    let e = r.expect_err("repair must refuse an image open in qemu-io").to_string();
+    let e = r
+        .expect_err("repair must refuse an image open in qemu-io")
+        .to_string();
     assert!(e.contains("busy.qcow2") && e.contains("open"), "{e}");
     assert_eq!(Img::open(&p).refcount(0), 2, "nothing was repaired");
 }
@@ -1024,7 +1063,9 @@ fn hostile_files_do_not_panic() {
 #[test]
 #[ignore]
 fn check_one() {
-    let Ok(p) = std::env::var("CHECK_FILE") else { return };
+    let Ok(p) = std::env::var("CHECK_FILE") else {
+        return;
+    };
     let p = PathBuf::from(p);
     let t = std::time::Instant::now();
     let (o, otext, _) = our_check(&p);

@@ -8,11 +8,20 @@ use std::process::Command;
 
 use chainvault_qcow::chain::read_header;
 use chainvault_qcow::create::create;
-use chainvault_qcow::{BackingFormat, BackingSpec, Chain, ChainOptions, CreateOptions, Image, OpenOptions};
+use chainvault_qcow::{
+    BackingFormat, BackingSpec, Chain, ChainOptions, CreateOptions, Image, OpenOptions,
+};
 
 fn new_image(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
-    create(&p, &CreateOptions { size, ..Default::default() }).unwrap();
+    create(
+        &p,
+        &CreateOptions {
+            size,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     p
 }
 
@@ -22,7 +31,10 @@ fn overlay(dir: &Path, name: &str, backing: &str) -> PathBuf {
         &p,
         &CreateOptions {
             size: 1 << 20,
-            backing: Some(BackingSpec { name: backing.to_string(), format: BackingFormat::Qcow2 }),
+            backing: Some(BackingSpec {
+                name: backing.to_string(),
+                format: BackingFormat::Qcow2,
+            }),
             ..Default::default()
         },
     )
@@ -36,7 +48,9 @@ fn poke(p: &Path, off: u64, bytes: &[u8]) {
 }
 
 fn open_err(p: &Path) -> String {
-    Image::open(p, &OpenOptions::default()).unwrap_err().to_string()
+    Image::open(p, &OpenOptions::default())
+        .unwrap_err()
+        .to_string()
 }
 
 fn read_err(p: &Path) -> String {
@@ -81,9 +95,17 @@ fn l2_offsets_past_the_end_or_unaligned() {
     let d = tempfile::tempdir().unwrap();
     let p = new_image(d.path(), "l2.qcow2", 1 << 20);
     let h = read_header(&p).unwrap();
-    poke(&p, h.l1_table_offset, &((1u64 << 40) | (1 << 63)).to_be_bytes());
+    poke(
+        &p,
+        h.l1_table_offset,
+        &((1u64 << 40) | (1 << 63)).to_be_bytes(),
+    );
     assert_mentions(&read_err(&p), &["l2.qcow2", "L2 table", "past the end"]);
-    poke(&p, h.l1_table_offset, &(0x10200u64 | (1 << 63)).to_be_bytes());
+    poke(
+        &p,
+        h.l1_table_offset,
+        &(0x10200u64 | (1 << 63)).to_be_bytes(),
+    );
     assert_mentions(&read_err(&p), &["l2.qcow2", "not aligned"]);
 }
 
@@ -92,13 +114,23 @@ fn data_cluster_past_the_end() {
     let d = tempfile::tempdir().unwrap();
     let p = new_image(d.path(), "data.qcow2", 1 << 20);
     {
-        let img = Image::open(&p, &OpenOptions { writable: true, ..Default::default() }).unwrap();
+        let img = Image::open(
+            &p,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         img.write_at(&[7u8; 4096], 0).unwrap();
         img.flush().unwrap();
     }
     let h = read_header(&p).unwrap();
     let mut e = [0u8; 8];
-    std::fs::File::open(&p).unwrap().read_exact_at(&mut e, h.l1_table_offset).unwrap();
+    std::fs::File::open(&p)
+        .unwrap()
+        .read_exact_at(&mut e, h.l1_table_offset)
+        .unwrap();
     let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
     poke(&p, l2, &((1u64 << 44) | (1 << 63)).to_be_bytes());
     assert_mentions(&read_err(&p), &["data.qcow2", "past the end"]);
@@ -115,13 +147,26 @@ fn refcount_structures_past_the_end_or_unaligned() {
     let q = d.path().join("rt.qcow2");
     std::fs::copy(&p, &q).unwrap();
     poke(&q, 48, &(1u64 << 40).to_be_bytes());
-    assert_mentions(&open_err(&q), &["rt.qcow2", "refcount table", "past the end"]);
+    assert_mentions(
+        &open_err(&q),
+        &["rt.qcow2", "refcount table", "past the end"],
+    );
     // Refcount table offset unaligned.
     poke(&q, 48, &0x10200u64.to_be_bytes());
-    assert_mentions(&open_err(&q), &["rt.qcow2", "refcount_table_offset", "aligned"]);
+    assert_mentions(
+        &open_err(&q),
+        &["rt.qcow2", "refcount_table_offset", "aligned"],
+    );
     // A refcount block past the end: found when a write needs it.
     poke(&p, h.refcount_table_offset, &(1u64 << 40).to_be_bytes());
-    let img = Image::open(&p, &OpenOptions { writable: true, ..Default::default() }).unwrap();
+    let img = Image::open(
+        &p,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let e = img.write_at(&[1u8; 512], 0).unwrap_err().to_string();
     assert_mentions(&e, &["rc.qcow2", "refcount block", "past the end"]);
 }
@@ -131,7 +176,10 @@ fn refcount_overflow_is_reported_by_check() {
     // refcount_bits=1 and a data cluster referenced twice: the refcount cannot
     // represent 2. Our reader serves the data; check names the problem.
     let qi = Command::new("qemu-img").arg("--version").output();
-    assert!(qi.is_ok(), "qemu-img is missing: install the Debian package qemu-utils");
+    assert!(
+        qi.is_ok(),
+        "qemu-img is missing: install the Debian package qemu-utils"
+    );
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("ovf.qcow2");
     let st = Command::new("qemu-img")
@@ -141,10 +189,18 @@ fn refcount_overflow_is_reported_by_check() {
         .status()
         .unwrap();
     assert!(st.success());
-    let st = Command::new("qemu-io").args(["-c", "write -P 0x5a 0 128k"]).arg(&p).status().unwrap();
+    let st = Command::new("qemu-io")
+        .args(["-c", "write -P 0x5a 0 128k"])
+        .arg(&p)
+        .status()
+        .unwrap();
     assert!(st.success());
     let h = read_header(&p).unwrap();
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
     let mut e = [0u8; 8];
     f.read_exact_at(&mut e, h.l1_table_offset).unwrap();
     let l2 = u64::from_be_bytes(e) & 0x00ff_ffff_ffff_fe00;
@@ -167,21 +223,36 @@ fn backing_file_outside_the_allowed_root() {
     std::fs::create_dir(&inner).unwrap();
     new_image(d.path(), "outside.qcow2", 1 << 20);
     let top = overlay(&inner, "top.qcow2", "../outside.qcow2");
-    let e = Chain::open(&top, &ChainOptions::default()).unwrap_err().to_string();
+    let e = Chain::open(&top, &ChainOptions::default())
+        .unwrap_err()
+        .to_string();
     assert_mentions(&e, &["top.qcow2", "outside the allowed directory"]);
     // Widening the root lets it through.
-    Chain::open(&top, &ChainOptions { root: Some(d.path().to_path_buf()), ..Default::default() }).unwrap();
+    Chain::open(
+        &top,
+        &ChainOptions {
+            root: Some(d.path().to_path_buf()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     // Absolute names and symlinks are judged by where they really lead.
     let top2 = overlay(&inner, "abs.qcow2", "/etc/passwd");
-    let e = Chain::open(&top2, &ChainOptions::default()).unwrap_err().to_string();
+    let e = Chain::open(&top2, &ChainOptions::default())
+        .unwrap_err()
+        .to_string();
     assert_mentions(&e, &["abs.qcow2", "outside"]);
     std::os::unix::fs::symlink(d.path().join("outside.qcow2"), inner.join("link.qcow2")).unwrap();
     let top3 = overlay(&inner, "sym.qcow2", "link.qcow2");
-    let e = Chain::open(&top3, &ChainOptions::default()).unwrap_err().to_string();
+    let e = Chain::open(&top3, &ChainOptions::default())
+        .unwrap_err()
+        .to_string();
     assert_mentions(&e, &["sym.qcow2", "outside"]);
     // A missing backing file is named.
     let top4 = overlay(&inner, "missing.qcow2", "nope.qcow2");
-    let e = Chain::open(&top4, &ChainOptions::default()).unwrap_err().to_string();
+    let e = Chain::open(&top4, &ChainOptions::default())
+        .unwrap_err()
+        .to_string();
     assert_mentions(&e, &["missing.qcow2", "nope.qcow2"]);
 }
 
@@ -191,10 +262,14 @@ fn backing_cycle() {
     overlay(d.path(), "a.qcow2", "b.qcow2");
     // b does not exist yet when a is created; now make b point back at a.
     let b = overlay(d.path(), "b.qcow2", "a.qcow2");
-    let e = Chain::open(&b, &ChainOptions::default()).unwrap_err().to_string();
+    let e = Chain::open(&b, &ChainOptions::default())
+        .unwrap_err()
+        .to_string();
     assert_mentions(&e, &["cycle"]);
     let selfref = overlay(d.path(), "self.qcow2", "self.qcow2");
-    let e = Chain::open(&selfref, &ChainOptions::default()).unwrap_err().to_string();
+    let e = Chain::open(&selfref, &ChainOptions::default())
+        .unwrap_err()
+        .to_string();
     assert_mentions(&e, &["self.qcow2", "cycle"]);
 }
 
@@ -203,12 +278,31 @@ fn chain_deeper_than_the_limit() {
     let d = tempfile::tempdir().unwrap();
     new_image(d.path(), "l0.qcow2", 1 << 20);
     for i in 1..=10 {
-        overlay(d.path(), &format!("l{i}.qcow2"), &format!("l{}.qcow2", i - 1));
+        overlay(
+            d.path(),
+            &format!("l{i}.qcow2"),
+            &format!("l{}.qcow2", i - 1),
+        );
     }
     let top = d.path().join("l10.qcow2");
-    let c = Chain::open(&top, &ChainOptions { max_depth: 10, ..Default::default() }).unwrap();
+    let c = Chain::open(
+        &top,
+        &ChainOptions {
+            max_depth: 10,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(c.layers().len(), 11);
-    let e = Chain::open(&top, &ChainOptions { max_depth: 9, ..Default::default() }).unwrap_err().to_string();
+    let e = Chain::open(
+        &top,
+        &ChainOptions {
+            max_depth: 9,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert_mentions(&e, &["deeper than the limit of 9"]);
 }
 
@@ -219,7 +313,14 @@ fn garbage_never_panics() {
     let d = tempfile::tempdir().unwrap();
     let base = new_image(d.path(), "base.qcow2", 4 << 20);
     {
-        let img = Image::open(&base, &OpenOptions { writable: true, ..Default::default() }).unwrap();
+        let img = Image::open(
+            &base,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         img.write_at(&vec![3u8; 300_000], 1000).unwrap();
         img.flush().unwrap();
     }
@@ -229,7 +330,8 @@ fn garbage_never_panics() {
         let mut bytes = good.clone();
         let n = 1 + (i % 16);
         for _ in 0..n {
-            let pos = (rng.next_u64() as usize) % bytes.len().min(if i % 2 == 0 { 4096 } else { usize::MAX });
+            let pos = (rng.next_u64() as usize)
+                % bytes.len().min(if i % 2 == 0 { 4096 } else { usize::MAX });
             bytes[pos] = rng.next_u32() as u8;
         }
         let p = d.path().join("fuzz.qcow2");

@@ -52,7 +52,9 @@ impl Scenario {
     }
 
     fn shell_quote(a: &str) -> String {
-        if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_=,./:".contains(c)) {
+        if a.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=,./:".contains(c))
+        {
             a.to_string()
         } else {
             format!("'{}'", a.replace('\'', "'\\''"))
@@ -61,8 +63,13 @@ impl Scenario {
 
     /// `qemu-img ARGS` in the scenario directory, asserting success.
     fn img(&mut self, args: &[&str]) -> String {
-        self.script
-            .push(format!("qemu-img {}", args.iter().map(|a| Self::shell_quote(a)).collect::<Vec<_>>().join(" ")));
+        self.script.push(format!(
+            "qemu-img {}",
+            args.iter()
+                .map(|a| Self::shell_quote(a))
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
         let mut cmd = Command::new(qemu_img_bin());
         cmd.current_dir(self.dir()).args(args);
         let out = self.guard(|| run_ok(&mut cmd));
@@ -89,8 +96,9 @@ impl Scenario {
         let f = File::create(self.path(name)).expect("create raw source");
         f.write_all_at(data, 0).expect("write raw source");
         f.set_len(size).expect("size raw source");
-        self.script
-            .push(format!("# {name}: {size} bytes written by the test (random / text / zero regions)"));
+        self.script.push(format!(
+            "# {name}: {size} bytes written by the test (random / text / zero regions)"
+        ));
     }
 
     /// Run `f`; if it panics, print the scenario's script first.
@@ -105,7 +113,10 @@ impl Scenario {
     }
 
     fn print_script(&self) {
-        eprintln!("\n=== scenario {} failed; the images were built with: ===", self.name);
+        eprintln!(
+            "\n=== scenario {} failed; the images were built with: ===",
+            self.name
+        );
         eprintln!("cd {}", self.dir().display());
         for l in &self.script {
             eprintln!("{l}");
@@ -123,9 +134,17 @@ impl Scenario {
         let off_seed: u64 = r.random();
         self.guard(|| {
             let chain = open_chain(&top);
-            assert_eq!(chain.size(), want.len() as u64, "{image}: Chain::size vs qemu-img convert output");
+            assert_eq!(
+                chain.size(),
+                want.len() as u64,
+                "{image}: Chain::size vs qemu-img convert output"
+            );
             let got = read_chain(&chain, 1 << 20);
-            assert_same_bytes(&format!("{image}: Chain::read_at vs qemu-img convert -O raw"), &got, &want);
+            assert_same_bytes(
+                &format!("{image}: Chain::read_at vs qemu-img convert -O raw"),
+                &got,
+                &want,
+            );
             // Unaligned reads of odd sizes.
             let mut r = rng(off_seed);
             let size = want.len() as u64;
@@ -222,17 +241,38 @@ fn compressed(compression: &str, seed: u64) {
         let data = mixed_content(&mut r, size);
         s.write_raw("src.raw", &data, size);
         let opts = format!("cluster_size={cs},compression_type={compression}");
-        s.img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &opts, "src.raw", "c.qcow2"]);
+        s.img(&[
+            "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &opts, "src.raw", "c.qcow2",
+        ]);
         // The header must say what we asked for.
         let info = s.img(&["info", "--output=json", "c.qcow2"]);
-        let want_ct = if compression == "zlib" { "zlib" } else { "zstd" };
-        assert!(info.contains(&format!("\"compression-type\": \"{want_ct}\"")), "{info}");
+        let want_ct = if compression == "zlib" {
+            "zlib"
+        } else {
+            "zstd"
+        };
+        assert!(
+            info.contains(&format!("\"compression-type\": \"{want_ct}\"")),
+            "{info}"
+        );
         s.verify("c.qcow2", &mut r);
         // qemu-img map must show compressed clusters, or the test is not testing them.
         let map = s.img(&["map", "--output=json", "c.qcow2"]);
-        assert!(map.contains("\"compressed\": true"), "no compressed clusters in c.qcow2:\n{map}");
+        assert!(
+            map.contains("\"compressed\": true"),
+            "no compressed clusters in c.qcow2:\n{map}"
+        );
 
-        s.img(&["create", "-f", "qcow2", "-b", "c.qcow2", "-F", "qcow2", "top.qcow2"]);
+        s.img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "c.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ]);
         let cmds = random_io_cmds(&mut r, 12, size, cs);
         s.io("top.qcow2", &cmds);
         s.verify("top.qcow2", &mut r);
@@ -260,22 +300,37 @@ fn compressed_zstd() {
 /// overlay read through to the base).
 #[test]
 fn extended_l2_partial_writes() {
-    for (i, cs) in [16 * KIB, 32 * KIB, 64 * KIB, 128 * KIB, 2 * MIB].into_iter().enumerate() {
+    for (i, cs) in [16 * KIB, 32 * KIB, 64 * KIB, 128 * KIB, 2 * MIB]
+        .into_iter()
+        .enumerate()
+    {
         for variant in 0..2u64 {
             let mut r = rng(case_seed("extended_l2", i as u64 * 2 + variant));
             let mut s = Scenario::new(format!("extended_l2 cluster_size={cs} variant={variant}"));
             let size = size_for(cs);
             let sub = cs / 32;
             let opts = format!("extended_l2=on,cluster_size={cs}");
-            s.img(&["create", "-f", "qcow2", "-o", &opts, "base.qcow2", &size.to_string()]);
+            s.img(&[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                &opts,
+                "base.qcow2",
+                &size.to_string(),
+            ]);
             // Sub-cluster-sized and subcluster-straddling writes.
             let mut cmds = Vec::new();
             for _ in 0..20 {
                 let c = r.random_range(0..size / cs) * cs;
-                let off = c + r.random_range(0..32) * sub + r.random_range(0..2) * r.random_range(0..sub);
+                let off =
+                    c + r.random_range(0..32) * sub + r.random_range(0..2) * r.random_range(0..sub);
                 let len = r.random_range(1..=3 * sub);
                 let len = len.min(size - off);
-                cmds.push(format!("write -P {:#04x} {off} {len}", r.random_range(1..=255u8)));
+                cmds.push(format!(
+                    "write -P {:#04x} {off} {len}",
+                    r.random_range(1..=255u8)
+                ));
             }
             cmds.extend(random_io_cmds(&mut r, 16, size, cs));
             s.io("base.qcow2", &cmds);
@@ -287,7 +342,18 @@ fn extended_l2_partial_writes() {
                 // A standard-L2 overlay with a different cluster size.
                 "cluster_size=65536".to_string()
             };
-            s.img(&["create", "-f", "qcow2", "-o", &top_opts, "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+            s.img(&[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                &top_opts,
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                "top.qcow2",
+            ]);
             let mut cmds = Vec::new();
             for _ in 0..20 {
                 let c = r.random_range(0..size / cs) * cs;
@@ -314,11 +380,20 @@ fn zeroes_and_discard() {
         let mut s = Scenario::new(format!("zeroes_and_discard cluster_size={cs}"));
         let size = 8 * MIB;
         let opts = format!("cluster_size={cs}");
-        s.img(&["create", "-f", "qcow2", "-o", &opts, "base.qcow2", &size.to_string()]);
+        s.img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            "base.qcow2",
+            &size.to_string(),
+        ]);
         s.io("base.qcow2", &["write -P 0x61 0 8M".to_string()]);
         let mut cmds = Vec::new();
         for k in 0..24u64 {
-            let off = r.random_range(0..size / cs) * cs + if k % 3 == 0 { r.random_range(0..cs) } else { 0 };
+            let off = r.random_range(0..size / cs) * cs
+                + if k % 3 == 0 { r.random_range(0..cs) } else { 0 };
             let len = (r.random_range(1..=6) * cs).min(size - off);
             cmds.push(match k % 3 {
                 0 => format!("write -z {off} {len}"),
@@ -328,10 +403,27 @@ fn zeroes_and_discard() {
         }
         s.io("base.qcow2", &cmds);
         s.verify("base.qcow2", &mut r);
-        let kinds: Vec<Kind> = qemu_map(&s.path("base.qcow2")).iter().map(|x| x.kind).collect();
-        assert!(kinds.contains(&Kind::Zero) && kinds.contains(&Kind::Data), "base.qcow2 map lacks zero or data: {kinds:?}");
+        let kinds: Vec<Kind> = qemu_map(&s.path("base.qcow2"))
+            .iter()
+            .map(|x| x.kind)
+            .collect();
+        assert!(
+            kinds.contains(&Kind::Zero) && kinds.contains(&Kind::Data),
+            "base.qcow2 map lacks zero or data: {kinds:?}"
+        );
 
-        s.img(&["create", "-f", "qcow2", "-o", &opts, "-b", "base.qcow2", "-F", "qcow2", "top.qcow2"]);
+        s.img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ]);
         let mut cmds = vec!["write -P 0x62 1M 1M".to_string()];
         for k in 0..24u64 {
             let off = r.random_range(0..size / cs) * cs;
@@ -358,22 +450,38 @@ fn chains_2_to_5_layers() {
             let mut s = Scenario::new(format!("chain of {layers} layers, variant {variant}"));
             let mut size = 8 * MIB;
             for k in 0..layers {
-                let (cs, ext) = [(4 * KIB, false), (64 * KIB, false), (64 * KIB, true), (512, false), (32 * KIB, true)]
-                    [r.random_range(0..5)];
-                let opts = format!("cluster_size={cs},extended_l2={}", if ext { "on" } else { "off" });
+                let (cs, ext) = [
+                    (4 * KIB, false),
+                    (64 * KIB, false),
+                    (64 * KIB, true),
+                    (512, false),
+                    (32 * KIB, true),
+                ][r.random_range(0..5)];
+                let opts = format!(
+                    "cluster_size={cs},extended_l2={}",
+                    if ext { "on" } else { "off" }
+                );
                 let name = format!("layer{k}.qcow2");
                 if k == 0 {
                     let data = mixed_content(&mut r, size);
                     s.write_raw("src.raw", &data, size);
-                    s.img(&["convert", "-f", "raw", "-O", "qcow2", "-o", &opts, "src.raw", &name]);
+                    s.img(&[
+                        "convert", "-f", "raw", "-O", "qcow2", "-o", &opts, "src.raw", &name,
+                    ]);
                 } else {
                     let below = format!("layer{}.qcow2", k - 1);
                     if r.random_bool(0.25) {
                         size += r.random_range(1..=8) * 64 * KIB;
                         let sz = size.to_string();
-                        s.img(&["create", "-f", "qcow2", "-o", &opts, "-b", &below, "-F", "qcow2", &name, &sz]);
+                        s.img(&[
+                            "create", "-f", "qcow2", "-o", &opts, "-b", &below, "-F", "qcow2",
+                            &name, &sz,
+                        ]);
                     } else {
-                        s.img(&["create", "-f", "qcow2", "-o", &opts, "-b", &below, "-F", "qcow2", &name]);
+                        s.img(&[
+                            "create", "-f", "qcow2", "-o", &opts, "-b", &below, "-F", "qcow2",
+                            &name,
+                        ]);
                     }
                 }
                 let n = r.random_range(8..=24);
@@ -386,7 +494,8 @@ fn chains_2_to_5_layers() {
             let top = s.path(&format!("layer{}.qcow2", layers - 1));
             let map = qemu_map(&top);
             assert!(
-                map.iter().any(|x| x.depth.unwrap_or(0) >= 1) && map.iter().any(|x| x.depth == Some(0)),
+                map.iter().any(|x| x.depth.unwrap_or(0) >= 1)
+                    && map.iter().any(|x| x.depth == Some(0)),
                 "the chain's map does not mix the top and lower layers: {map:?}"
             );
         }
@@ -402,19 +511,52 @@ fn refcount_widths() {
         let mut s = Scenario::new(format!("refcount_bits={bits}"));
         let size = 8 * MIB;
         let opts = format!("refcount_bits={bits},cluster_size=4096");
-        s.img(&["create", "-f", "qcow2", "-o", &opts, "plain.qcow2", &size.to_string()]);
+        s.img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            "plain.qcow2",
+            &size.to_string(),
+        ]);
         let cmds = random_io_cmds(&mut r, 30, size, 4096);
         s.io("plain.qcow2", &cmds);
         s.verify("plain.qcow2", &mut r);
         let info = s.img(&["info", "--output=json", "plain.qcow2"]);
-        assert!(info.contains(&format!("\"refcount-bits\": {bits}")), "{info}");
+        assert!(
+            info.contains(&format!("\"refcount-bits\": {bits}")),
+            "{info}"
+        );
 
         let data = mixed_content(&mut r, size);
         s.write_raw("src.raw", &data, size);
         let opts = format!("refcount_bits={bits}");
-        s.img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", &opts, "src.raw", "comp.qcow2"]);
+        s.img(&[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            &opts,
+            "src.raw",
+            "comp.qcow2",
+        ]);
         s.verify("comp.qcow2", &mut r);
-        s.img(&["create", "-f", "qcow2", "-o", &opts, "-b", "comp.qcow2", "-F", "qcow2", "top.qcow2"]);
+        s.img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            "-b",
+            "comp.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ]);
         let cmds = random_io_cmds(&mut r, 12, size, 65536);
         s.io("top.qcow2", &cmds);
         s.verify("top.qcow2", &mut r);
@@ -432,14 +574,33 @@ fn cluster_sizes() {
         let mut s = Scenario::new(format!("cluster_size={cs}"));
         let size = size_for(cs) + 512 * 7;
         let opts = format!("cluster_size={cs}");
-        s.img(&["create", "-f", "qcow2", "-o", &opts, "full.qcow2", &size.to_string()]);
+        s.img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &opts,
+            "full.qcow2",
+            &size.to_string(),
+        ]);
         let cmds = random_io_cmds(&mut r, 40, size, cs);
         s.io("full.qcow2", &cmds);
         s.verify("full.qcow2", &mut r);
 
         let top_cs = [512u64, 4 * KIB, 64 * KIB, 2 * MIB][(i + 1) % 4];
         let top_opts = format!("cluster_size={top_cs}");
-        s.img(&["create", "-f", "qcow2", "-o", &top_opts, "-b", "full.qcow2", "-F", "qcow2", "top.qcow2"]);
+        s.img(&[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &top_opts,
+            "-b",
+            "full.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ]);
         let cmds = random_io_cmds(&mut r, 24, size, top_cs);
         s.io("top.qcow2", &cmds);
         s.verify("top.qcow2", &mut r);
@@ -464,9 +625,21 @@ fn raw_backing_file() {
             f.write_all_at(&buf, k * 512 * KIB + 4096).unwrap();
         }
         f.flush().unwrap();
-        s.script.push("# base.raw: 4 MiB sparse raw file with 8 random runs, written by the test".into());
+        s.script.push(
+            "# base.raw: 4 MiB sparse raw file with 8 random runs, written by the test".into(),
+        );
     }
-    s.img(&["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "top.qcow2", "6M"]);
+    s.img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        "top.qcow2",
+        "6M",
+    ]);
     let cmds = random_io_cmds(&mut r, 16, 6 * MIB, 65536);
     s.io("top.qcow2", &cmds);
     s.verify("top.qcow2", &mut r);
@@ -500,7 +673,10 @@ fn map_comparison_detects_differences() {
     let mut c = b.clone();
     c[1].kind = Kind::Zero;
     let e = compare_maps(&a, &c, 16384).unwrap_err();
-    assert!(e.contains("[0x400, 0x1000)") && e.contains("ours Data@depth0"), "{e}");
+    assert!(
+        e.contains("[0x400, 0x1000)") && e.contains("ours Data@depth0"),
+        "{e}"
+    );
     let mut d = a.clone();
     d[1].depth = Some(0);
     assert!(compare_maps(&a, &d, 16384).is_err());

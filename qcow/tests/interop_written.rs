@@ -20,7 +20,9 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use chainvault_qcow::create::create;
-use chainvault_qcow::{BackingFormat, BackingSpec, Chain, ChainOptions, CreateOptions, Image, Layer};
+use chainvault_qcow::{
+    BackingFormat, BackingSpec, Chain, ChainOptions, CreateOptions, Image, Layer,
+};
 use common::*;
 use rand::rngs::SmallRng;
 use rand::{Rng, RngCore};
@@ -164,7 +166,10 @@ fn gen_ops(r: &mut SmallRng, cfg: &Config) -> Vec<Op> {
                 len: cfg.size,
                 may_unmap: r.random_bool(0.5),
             },
-            96 => Op::Discard { off: 0, len: cfg.size },
+            96 => Op::Discard {
+                off: 0,
+                len: cfg.size,
+            },
             _ => Op::Flush,
         };
         ops.push(op);
@@ -180,7 +185,11 @@ fn apply(img: &Image, raw: &File, op: &Op) {
                 .unwrap_or_else(|e| panic!("Image::write_at({off}, {len}): {e}"));
             raw.write_all_at(&data, off).expect("pwrite raw mirror");
         }
-        Op::WriteZeroes { off, len, may_unmap } => {
+        Op::WriteZeroes {
+            off,
+            len,
+            may_unmap,
+        } => {
             img.write_zeroes(off, len, may_unmap)
                 .unwrap_or_else(|e| panic!("Image::write_zeroes({off}, {len}, {may_unmap}): {e}"));
             pwrite_zeroes(raw, off, len);
@@ -190,7 +199,9 @@ fn apply(img: &Image, raw: &File, op: &Op) {
                 .unwrap_or_else(|e| panic!("Image::discard({off}, {len}): {e}"));
             pwrite_zeroes(raw, off, len);
         }
-        Op::Flush => img.flush().unwrap_or_else(|e| panic!("Image::flush(): {e}")),
+        Op::Flush => img
+            .flush()
+            .unwrap_or_else(|e| panic!("Image::flush(): {e}")),
     }
 }
 
@@ -213,33 +224,67 @@ fn assert_info_chain(dir: &Path, k: usize, cfg: &Config) {
         top.as_os_str(),
     ]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("qemu-img info output is JSON");
-    let arr = v.as_array().expect("qemu-img info --backing-chain gives an array");
-    assert_eq!(arr.len(), k + 1, "qemu-img info lists {} images, expected {}:\n{out}", arr.len(), k + 1);
+    let arr = v
+        .as_array()
+        .expect("qemu-img info --backing-chain gives an array");
+    assert_eq!(
+        arr.len(),
+        k + 1,
+        "qemu-img info lists {} images, expected {}:\n{out}",
+        arr.len(),
+        k + 1
+    );
     for (i, e) in arr.iter().enumerate() {
         let layer = k - i;
         let want = dir.join(layer_name(layer));
         let ctx = || format!("qemu-img info entry {i} (layer{layer}):\n{e:#}");
-        let filename = e["filename"].as_str().unwrap_or_else(|| panic!("no filename; {}", ctx()));
+        let filename = e["filename"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no filename; {}", ctx()));
         assert_eq!(canon(Path::new(filename)), canon(&want), "{}", ctx());
         assert_eq!(e["format"], "qcow2", "{}", ctx());
         assert_eq!(e["virtual-size"].as_u64(), Some(cfg.size), "{}", ctx());
-        assert_eq!(e["cluster-size"].as_u64(), Some(cfg.cluster_size), "{}", ctx());
+        assert_eq!(
+            e["cluster-size"].as_u64(),
+            Some(cfg.cluster_size),
+            "{}",
+            ctx()
+        );
         assert_eq!(e["dirty-flag"].as_bool(), Some(false), "{}", ctx());
         let data = &e["format-specific"]["data"];
         assert_eq!(data["compat"], "1.1", "{}", ctx());
         assert_eq!(data["corrupt"].as_bool(), Some(false), "{}", ctx());
-        assert_eq!(data["extended-l2"].as_bool(), Some(cfg.extended_l2), "{}", ctx());
+        assert_eq!(
+            data["extended-l2"].as_bool(),
+            Some(cfg.extended_l2),
+            "{}",
+            ctx()
+        );
         assert_eq!(data["refcount-bits"].as_u64(), Some(16), "{}", ctx());
         if layer > 0 {
             let below = layer_name(layer - 1);
-            assert_eq!(e["backing-filename"].as_str(), Some(below.as_str()), "{}", ctx());
+            assert_eq!(
+                e["backing-filename"].as_str(),
+                Some(below.as_str()),
+                "{}",
+                ctx()
+            );
             assert_eq!(e["backing-filename-format"], "qcow2", "{}", ctx());
             let full = e["full-backing-filename"]
                 .as_str()
                 .unwrap_or_else(|| panic!("no full-backing-filename; {}", ctx()));
-            assert_eq!(canon(Path::new(full)), canon(&dir.join(&below)), "{}", ctx());
+            assert_eq!(
+                canon(Path::new(full)),
+                canon(&dir.join(&below)),
+                "{}",
+                ctx()
+            );
         } else {
-            assert!(e.get("backing-filename").is_none(), "bottom layer has a backing file; {}", ctx());
+            assert!(
+                e.get("backing-filename").is_none(),
+                "bottom layer has a backing file; {}",
+                ctx()
+            );
         }
     }
 }
@@ -258,7 +303,10 @@ fn verify_layer(dir: &Path, k: usize, cfg: &Config, raw: &Path, r: &mut SmallRng
         img.as_os_str(),
         raw.as_os_str(),
     ]);
-    assert_eq!(code, 0, "qemu-img compare: layer{k} differs from its raw mirror:\n{report}");
+    assert_eq!(
+        code, 0,
+        "qemu-img compare: layer{k} differs from its raw mirror:\n{report}"
+    );
 
     assert_info_chain(dir, k, cfg);
 
@@ -267,7 +315,11 @@ fn verify_layer(dir: &Path, k: usize, cfg: &Config, raw: &Path, r: &mut SmallRng
     assert_eq!(chain.size(), cfg.size, "Chain::size of layer{k}");
     assert_eq!(chain.layers().len(), k + 1, "Chain::layers of layer{k}");
     let got = read_chain(&chain, MIB as usize);
-    assert_same_bytes(&format!("Chain::read_at of layer{k} vs its raw mirror"), &got, &want);
+    assert_same_bytes(
+        &format!("Chain::read_at of layer{k} vs its raw mirror"),
+        &got,
+        &want,
+    );
     // Some unaligned reads of odd sizes too.
     for _ in 0..16 {
         let off = r.random_range(0..cfg.size);
@@ -294,8 +346,13 @@ fn run_case(seed: u64, log: &mut Vec<String>) {
     // One raw mirror: after layer k's operations it holds layer k's point in
     // time. Lower layers must not change afterwards: their bytes are kept.
     let raw_path = dir.join("mirror.raw");
-    File::create(&raw_path).and_then(|f| f.set_len(cfg.size)).expect("create raw mirror");
-    let raw = FsOpen::new().write(true).open(&raw_path).expect("open raw mirror");
+    File::create(&raw_path)
+        .and_then(|f| f.set_len(cfg.size))
+        .expect("create raw mirror");
+    let raw = FsOpen::new()
+        .write(true)
+        .open(&raw_path)
+        .expect("open raw mirror");
     let mut frozen: Vec<Vec<u8>> = Vec::new();
     for k in 0..cfg.layers {
         let t_layer = std::time::Instant::now();
@@ -335,13 +392,18 @@ fn run_case(seed: u64, log: &mut Vec<String>) {
                 log.push(format!("layer{k} op{i}: {op:?}"));
                 apply(&img, &raw, op);
             }
-            img.flush().unwrap_or_else(|e| panic!("Image::flush of layer{k}: {e}"));
+            img.flush()
+                .unwrap_or_else(|e| panic!("Image::flush of layer{k}: {e}"));
         }
         log.push(format!("layer{k}: verify"));
         let t_ops = t_layer.elapsed();
         verify_layer(dir, k, &cfg, &raw_path, &mut r);
         if std::env::var_os("CHAINVAULT_TIMING").is_some() {
-            eprintln!("  layer{k}: {} ops in {t_ops:.2?}, verified in {:.2?}", ops.len(), t_layer.elapsed() - t_ops);
+            eprintln!(
+                "  layer{k}: {} ops in {t_ops:.2?}, verified in {:.2?}",
+                ops.len(),
+                t_layer.elapsed() - t_ops
+            );
         }
         frozen.push(read_file(&path));
     }
@@ -362,12 +424,23 @@ fn run_cases(seeds: impl IntoIterator<Item = u64>) {
         let mut log = Vec::new();
         let t0 = std::time::Instant::now();
         let res = quietly(|| run_case(seed, &mut log));
-        eprintln!("case seed={seed}: {:?} in {:.2?}", config_for(seed), t0.elapsed());
+        eprintln!(
+            "case seed={seed}: {:?} in {:.2?}",
+            config_for(seed),
+            t0.elapsed()
+        );
         if let Err(msg) = res {
             eprintln!("\n=== FAILED case seed={seed} (replay: CHAINVAULT_SEED={seed}) ===");
-            let shown = if log.len() > 250 { &log[log.len() - 250..] } else { &log[..] };
+            let shown = if log.len() > 250 {
+                &log[log.len() - 250..]
+            } else {
+                &log[..]
+            };
             if log.len() > 250 {
-                eprintln!("({} earlier log lines not shown; replay to see all)", log.len() - 250);
+                eprintln!(
+                    "({} earlier log lines not shown; replay to see all)",
+                    log.len() - 250
+                );
             }
             for l in shown {
                 eprintln!("  {l}");
@@ -463,7 +536,11 @@ fn generator_covers_the_space() {
                         sub += 1;
                     }
                 }
-                Op::WriteZeroes { off, len, may_unmap } => {
+                Op::WriteZeroes {
+                    off,
+                    len,
+                    may_unmap,
+                } => {
                     assert!(off + len <= cfg.size && len > 0);
                     if may_unmap {
                         zu += 1

@@ -19,7 +19,9 @@ use std::path::Path;
 use std::sync::{Arc, Barrier};
 
 use chainvault_qcow::create::create;
-use chainvault_qcow::{BackingFormat, BackingSpec, Chain, ChainOptions, CreateOptions, Image, Layer};
+use chainvault_qcow::{
+    BackingFormat, BackingSpec, Chain, ChainOptions, CreateOptions, Image, Layer,
+};
 use common::*;
 use proptest::prelude::*;
 use rand::rngs::SmallRng;
@@ -32,20 +34,49 @@ struct Geo {
 }
 
 const GEOS: [Geo; 5] = [
-    Geo { cluster_size: 512, extended_l2: false },
-    Geo { cluster_size: 4096, extended_l2: false },
-    Geo { cluster_size: 16384, extended_l2: true },
-    Geo { cluster_size: 32768, extended_l2: true },
-    Geo { cluster_size: 65536, extended_l2: false },
+    Geo {
+        cluster_size: 512,
+        extended_l2: false,
+    },
+    Geo {
+        cluster_size: 4096,
+        extended_l2: false,
+    },
+    Geo {
+        cluster_size: 16384,
+        extended_l2: true,
+    },
+    Geo {
+        cluster_size: 32768,
+        extended_l2: true,
+    },
+    Geo {
+        cluster_size: 65536,
+        extended_l2: false,
+    },
 ];
 
 #[derive(Debug, Clone, Copy)]
 enum Op {
     /// Write `len` bytes from a PRNG seeded with `data` (data 0: all zeros).
-    Write { off: u64, len: u64, data: u64 },
-    WriteZeroes { off: u64, len: u64, may_unmap: bool },
-    Discard { off: u64, len: u64 },
-    Read { off: u64, len: u64 },
+    Write {
+        off: u64,
+        len: u64,
+        data: u64,
+    },
+    WriteZeroes {
+        off: u64,
+        len: u64,
+        may_unmap: bool,
+    },
+    Discard {
+        off: u64,
+        len: u64,
+    },
+    Read {
+        off: u64,
+        len: u64,
+    },
     Flush,
     /// Flush, close and reopen the image.
     Reopen,
@@ -78,12 +109,17 @@ fn open_top(path: &Path) -> Disk {
         Layer::Qcow(i) => i.clone(),
         Layer::Raw(_) => panic!("{} opened as raw", path.display()),
     };
-    Disk { chain: Some(chain), img }
+    Disk {
+        chain: Some(chain),
+        img,
+    }
 }
 
 impl Disk {
     fn close(mut self) {
-        self.img.flush().unwrap_or_else(|e| panic!("Image::flush: {e}"));
+        self.img
+            .flush()
+            .unwrap_or_else(|e| panic!("Image::flush: {e}"));
         self.chain.take();
     }
 }
@@ -93,21 +129,33 @@ fn apply(img: &Image, model: &mut [u8], op: &Op) {
     match *op {
         Op::Write { off, len, data } => {
             let d = data_for(data, len);
-            img.write_at(&d, off).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+            img.write_at(&d, off)
+                .unwrap_or_else(|e| panic!("{op:?}: {e}"));
             model[off as usize..(off + len) as usize].copy_from_slice(&d);
         }
-        Op::WriteZeroes { off, len, may_unmap } => {
-            img.write_zeroes(off, len, may_unmap).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+        Op::WriteZeroes {
+            off,
+            len,
+            may_unmap,
+        } => {
+            img.write_zeroes(off, len, may_unmap)
+                .unwrap_or_else(|e| panic!("{op:?}: {e}"));
             model[off as usize..(off + len) as usize].fill(0);
         }
         Op::Discard { off, len } => {
-            img.discard(off, len).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+            img.discard(off, len)
+                .unwrap_or_else(|e| panic!("{op:?}: {e}"));
             model[off as usize..(off + len) as usize].fill(0);
         }
         Op::Read { off, len } => {
             let mut buf = vec![0xa5u8; len as usize];
-            img.read_at(&mut buf, off).unwrap_or_else(|e| panic!("{op:?}: {e}"));
-            assert_same_bytes(&format!("{op:?}"), &buf, &model[off as usize..(off + len) as usize]);
+            img.read_at(&mut buf, off)
+                .unwrap_or_else(|e| panic!("{op:?}: {e}"));
+            assert_same_bytes(
+                &format!("{op:?}"),
+                &buf,
+                &model[off as usize..(off + len) as usize],
+            );
         }
         Op::Flush | Op::Reopen => img.flush().unwrap_or_else(|e| panic!("{op:?}: {e}")),
     }
@@ -117,7 +165,8 @@ fn read_image(img: &Image) -> Vec<u8> {
     let mut v = vec![0u8; img.size() as usize];
     for (i, chunk) in v.chunks_mut(256 * 1024).enumerate() {
         let off = i as u64 * 256 * 1024;
-        img.read_at(chunk, off).unwrap_or_else(|e| panic!("Image::read_at({off}): {e}"));
+        img.read_at(chunk, off)
+            .unwrap_or_else(|e| panic!("Image::read_at({off}): {e}"));
     }
     v
 }
@@ -158,7 +207,10 @@ fn final_checks(dir: &Path, top: &Path, model: &[u8]) {
         top.as_os_str(),
         raw.as_os_str(),
     ]);
-    assert_eq!(code, 0, "qemu-img compare: image differs from the model:\n{report}");
+    assert_eq!(
+        code, 0,
+        "qemu-img compare: image differs from the model:\n{report}"
+    );
 }
 
 // ---------------------------------------------------------------- proptest
@@ -206,20 +258,38 @@ fn op_strategy(size: u64, cs: u64) -> impl Strategy<Value = Op> {
 }
 
 fn case_strategy() -> impl Strategy<Value = Case> {
-    (0..GEOS.len(), 1..=16u64, prop_oneof![Just(0u64), 1..64u64], any::<bool>())
+    (
+        0..GEOS.len(),
+        1..=16u64,
+        prop_oneof![Just(0u64), 1..64u64],
+        any::<bool>(),
+    )
         .prop_flat_map(|(g, clusters_k, tail_sectors, backing)| {
             let geo = GEOS[g];
             // 16..256 clusters (at most 2 MiB), sometimes with a partial last cluster.
-            let size = (clusters_k * 16 * geo.cluster_size).min(2 << 20) + (tail_sectors * 512) % geo.cluster_size;
+            let size = (clusters_k * 16 * geo.cluster_size).min(2 << 20)
+                + (tail_sectors * 512) % geo.cluster_size;
             let cs = geo.cluster_size;
             let base = if backing {
-                prop::collection::vec(op_strategy(size, cs), 1..12).prop_map(Some).boxed()
+                prop::collection::vec(op_strategy(size, cs), 1..12)
+                    .prop_map(Some)
+                    .boxed()
             } else {
                 Just(None).boxed()
             };
-            (Just(geo), Just(size), base, prop::collection::vec(op_strategy(size, cs), 1..60))
+            (
+                Just(geo),
+                Just(size),
+                base,
+                prop::collection::vec(op_strategy(size, cs), 1..60),
+            )
         })
-        .prop_map(|(geo, size, base_ops, ops)| Case { geo, size, base_ops, ops })
+        .prop_map(|(geo, size, base_ops, ops)| Case {
+            geo,
+            size,
+            base_ops,
+            ops,
+        })
 }
 
 fn run_model_case(c: &Case) {
@@ -282,7 +352,9 @@ fn region_op(r: &mut SmallRng, lo: u64, hi: u64, cs: u64, with_reads: bool) -> O
         + match r.random_range(0..3) {
             0 => r.random_range(0..span),
             1 => r.random_range(0..span) / 512 * 512,
-            _ => (r.random_range(lo..hi) / cs * cs).saturating_sub(lo).min(span - 1),
+            _ => (r.random_range(lo..hi) / cs * cs)
+                .saturating_sub(lo)
+                .min(span - 1),
         };
     let len = match r.random_range(0..3) {
         0 => r.random_range(1..=700),
@@ -346,7 +418,8 @@ struct ConcSetup {
 /// A fresh image (half the time an overlay over a written base).
 fn conc_setup(seed: u64, r: &mut SmallRng) -> ConcSetup {
     let geo = GEOS[(seed % GEOS.len() as u64) as usize];
-    let size = (r.random_range(64..=256u64) * geo.cluster_size).clamp(1 << 20, 4 << 20) + 512 * r.random_range(0..2);
+    let size = (r.random_range(64..=256u64) * geo.cluster_size).clamp(1 << 20, 4 << 20)
+        + 512 * r.random_range(0..2);
     let tmp = tempdir();
     let top = tmp.path().join("top.qcow2");
     let mut model = vec![0u8; size as usize];
@@ -363,12 +436,24 @@ fn conc_setup(seed: u64, r: &mut SmallRng) -> ConcSetup {
     } else {
         create_image(&top, geo, size, None);
     }
-    ConcSetup { tmp, top, model, geo, size }
+    ConcSetup {
+        tmp,
+        top,
+        model,
+        geo,
+        size,
+    }
 }
 
 fn conc_disjoint_case(seed: u64) {
     let mut r = rng(seed);
-    let ConcSetup { tmp, top, mut model, geo, size } = conc_setup(seed, &mut r);
+    let ConcSetup {
+        tmp,
+        top,
+        mut model,
+        geo,
+        size,
+    } = conc_setup(seed, &mut r);
     let cs = geo.cluster_size;
     let nthreads = r.random_range(2..=4usize);
     let regions = cut_regions(&mut r, size, nthreads, cs);
@@ -390,9 +475,13 @@ fn conc_disjoint_case(seed: u64) {
                 local[lo as usize..].copy_from_slice(slice);
                 for i in 0..60 {
                     let op = region_op(&mut tr, lo, hi, cs, true);
-                    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| apply(img, &mut local, &op)));
+                    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        apply(img, &mut local, &op)
+                    }));
                     if let Err(e) = res {
-                        eprintln!("seed {seed}: thread for region [{lo}, {hi}) failed at op {i}: {op:?}");
+                        eprintln!(
+                            "seed {seed}: thread for region [{lo}, {hi}) failed at op {i}: {op:?}"
+                        );
                         std::panic::resume_unwind(e);
                     }
                 }
@@ -404,14 +493,24 @@ fn conc_disjoint_case(seed: u64) {
         model[*lo as usize..*hi as usize].copy_from_slice(slice);
     }
     let got = read_image(img);
-    assert_same_bytes(&format!("seed {seed}: whole image after the threads joined, vs model"), &got, &model);
+    assert_same_bytes(
+        &format!("seed {seed}: whole image after the threads joined, vs model"),
+        &got,
+        &model,
+    );
     d.close();
     final_checks(tmp.path(), &top, &model);
 }
 
 fn conc_overlapping_case(seed: u64) {
     let mut r = rng(seed);
-    let ConcSetup { tmp, top, mut model, geo, size } = conc_setup(seed, &mut r);
+    let ConcSetup {
+        tmp,
+        top,
+        mut model,
+        geo,
+        size,
+    } = conc_setup(seed, &mut r);
     let cs = geo.cluster_size;
     let nthreads = r.random_range(2..=4usize);
     let regions = cut_regions(&mut r, size, nthreads * 2, cs);
@@ -486,7 +585,11 @@ fn conc_overlapping_case(seed: u64) {
         model[*lo as usize..*hi as usize].copy_from_slice(slice);
     }
     let got = read_image(img);
-    assert_same_bytes(&format!("seed {seed}: whole image after the barrier and join, vs model"), &got, &model);
+    assert_same_bytes(
+        &format!("seed {seed}: whole image after the barrier and join, vs model"),
+        &got,
+        &model,
+    );
     d.close();
     final_checks(tmp.path(), &top, &model);
 }
@@ -531,15 +634,44 @@ fn out_of_range_requests_are_refused() {
     create_image(&top, GEOS[1], size, None);
     let d = open_top(&top);
     let mut model = vec![0u8; size as usize];
-    apply(&d.img, &mut model, &Op::Write { off: size - 4096, len: 4096, data: 7 });
+    apply(
+        &d.img,
+        &mut model,
+        &Op::Write {
+            off: size - 4096,
+            len: 4096,
+            data: 7,
+        },
+    );
     let mut buf = vec![0u8; 8192];
-    assert!(d.img.write_at(&buf, size - 4096).is_err(), "write past the end was accepted");
-    assert!(d.img.write_at(&buf[..1], size).is_err(), "write at the end was accepted");
-    assert!(d.img.write_zeroes(size - 512, 1024, false).is_err(), "write_zeroes past the end was accepted");
-    assert!(d.img.discard(size, 512).is_err(), "discard past the end was accepted");
-    assert!(d.img.read_at(&mut buf, size - 4096).is_err(), "read past the end was accepted");
-    assert!(d.img.read_at(&mut buf[..1], u64::MAX).is_err(), "read at u64::MAX was accepted");
-    assert!(d.img.write_at(&buf[..1], u64::MAX).is_err(), "write at u64::MAX was accepted");
+    assert!(
+        d.img.write_at(&buf, size - 4096).is_err(),
+        "write past the end was accepted"
+    );
+    assert!(
+        d.img.write_at(&buf[..1], size).is_err(),
+        "write at the end was accepted"
+    );
+    assert!(
+        d.img.write_zeroes(size - 512, 1024, false).is_err(),
+        "write_zeroes past the end was accepted"
+    );
+    assert!(
+        d.img.discard(size, 512).is_err(),
+        "discard past the end was accepted"
+    );
+    assert!(
+        d.img.read_at(&mut buf, size - 4096).is_err(),
+        "read past the end was accepted"
+    );
+    assert!(
+        d.img.read_at(&mut buf[..1], u64::MAX).is_err(),
+        "read at u64::MAX was accepted"
+    );
+    assert!(
+        d.img.write_at(&buf[..1], u64::MAX).is_err(),
+        "write at u64::MAX was accepted"
+    );
     let got = read_image(&d.img);
     assert_same_bytes("image after refused requests", &got, &model);
     d.close();

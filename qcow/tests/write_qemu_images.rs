@@ -10,8 +10,15 @@ use chainvault_qcow::{Image, OpenOptions};
 use rand::{Rng, RngCore, SeedableRng};
 
 fn tool(name: &str) {
-    let ok = Command::new(name).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-    assert!(ok, "{name} is missing: install the Debian package qemu-utils");
+    let ok = Command::new(name)
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{name} is missing: install the Debian package qemu-utils"
+    );
 }
 
 fn run(cmd: &str, args: &[&str]) -> std::process::Output {
@@ -26,7 +33,11 @@ fn run(cmd: &str, args: &[&str]) -> std::process::Output {
 }
 
 fn check_and_compare(img: &Path, raw: &Path) {
-    let c = Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(img).output().unwrap();
+    let c = Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(img)
+        .output()
+        .unwrap();
     assert!(
         c.status.success(),
         "qemu-img check {} exited {:?}:\n{}{}",
@@ -35,7 +46,12 @@ fn check_and_compare(img: &Path, raw: &Path) {
         String::from_utf8_lossy(&c.stdout),
         String::from_utf8_lossy(&c.stderr)
     );
-    let c = Command::new("qemu-img").args(["compare", "-f", "qcow2", "-F", "raw"]).arg(img).arg(raw).output().unwrap();
+    let c = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", "raw"])
+        .arg(img)
+        .arg(raw)
+        .output()
+        .unwrap();
     assert!(
         c.status.success(),
         "qemu-img compare {}: {}",
@@ -46,9 +62,21 @@ fn check_and_compare(img: &Path, raw: &Path) {
 
 /// Random writes into an image qemu-img created, mirrored into a raw file.
 fn scribble(img_path: &Path, raw_path: &Path, size: u64, seed: u64, ops: usize) {
-    let raw = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(raw_path).unwrap();
+    let raw = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(raw_path)
+        .unwrap();
     raw.set_len(size).unwrap();
-    let img = Image::open(img_path, &OpenOptions { writable: true, ..Default::default() }).unwrap();
+    let img = Image::open(
+        img_path,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     for _ in 0..ops {
         let len = rng.random_range(1..=(256u64 << 10)).min(size);
@@ -82,7 +110,16 @@ fn every_refcount_width() {
         let raw = d.path().join(format!("r{bits}.raw"));
         run(
             "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-o", &format!("refcount_bits={bits}"), img.to_str().unwrap(), "32M"],
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-o",
+                &format!("refcount_bits={bits}"),
+                img.to_str().unwrap(),
+                "32M",
+            ],
         );
         scribble(&img, &raw, 32 << 20, bits, 200);
         check_and_compare(&img, &raw);
@@ -111,10 +148,22 @@ fn small_clusters_grow_the_refcount_table() {
         );
         let before = chainvault_qcow::chain::read_header(&img).unwrap();
         // Sequential data so the file surely outgrows the initial refcount table.
-        let raw_f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&raw).unwrap();
+        let raw_f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&raw)
+            .unwrap();
         raw_f.set_len(64 << 20).unwrap();
         {
-            let im = Image::open(&img, &OpenOptions { writable: true, ..Default::default() }).unwrap();
+            let im = Image::open(
+                &img,
+                &OpenOptions {
+                    writable: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             let mut rng = rand::rngs::SmallRng::seed_from_u64(cs);
             let mut b = vec![0u8; 1 << 20];
             for i in 0..48u64 {
@@ -142,22 +191,67 @@ fn refuses_read_write_when_it_would_damage_the_image() {
     tool("qemu-img");
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("bm.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "16M"]);
-    run("qemu-img", &["bitmap", "--add", p.to_str().unwrap(), "cbt0"]);
-    let e = Image::open(&p, &OpenOptions { writable: true, ..Default::default() }).unwrap_err().to_string();
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "16M"],
+    );
+    run(
+        "qemu-img",
+        &["bitmap", "--add", p.to_str().unwrap(), "cbt0"],
+    );
+    let e = Image::open(
+        &p,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("bm.qcow2") && e.contains("bitmaps"), "{e}");
     // Read-only is fine.
     Image::open(&p, &OpenOptions::default()).unwrap();
 
     let s = d.path().join("snap.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", s.to_str().unwrap(), "16M"]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", s.to_str().unwrap(), "16M"],
+    );
     run("qemu-img", &["snapshot", "-c", "s1", s.to_str().unwrap()]);
-    let e = Image::open(&s, &OpenOptions { writable: true, ..Default::default() }).unwrap_err().to_string();
+    let e = Image::open(
+        &s,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("snapshot"), "{e}");
 
     let v2 = d.path().join("v2.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2.to_str().unwrap(), "16M"]);
-    let e = Image::open(&v2, &OpenOptions { writable: true, ..Default::default() }).unwrap_err().to_string();
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compat=0.10",
+            v2.to_str().unwrap(),
+            "16M",
+        ],
+    );
+    let e = Image::open(
+        &v2,
+        &OpenOptions {
+            writable: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("version 2"), "{e}");
 }
 
@@ -166,18 +260,53 @@ fn autoclear_bits_are_cleared_on_read_write_open() {
     tool("qemu-img");
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("ac.qcow2");
-    run("qemu-img", &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "16M"]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", p.to_str().unwrap(), "16M"],
+    );
     // Set an autoclear bit we do not know (bit 5) by hand.
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
     f.write_all_at(&(1u64 << 5).to_be_bytes(), 88).unwrap();
     drop(f);
-    assert_eq!(chainvault_qcow::chain::read_header(&p).unwrap().autoclear_features, 1 << 5);
-    drop(Image::open(&p, &OpenOptions { writable: true, ..Default::default() }).unwrap());
-    assert_eq!(chainvault_qcow::chain::read_header(&p).unwrap().autoclear_features, 0);
+    assert_eq!(
+        chainvault_qcow::chain::read_header(&p)
+            .unwrap()
+            .autoclear_features,
+        1 << 5
+    );
+    drop(
+        Image::open(
+            &p,
+            &OpenOptions {
+                writable: true,
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        chainvault_qcow::chain::read_header(&p)
+            .unwrap()
+            .autoclear_features,
+        0
+    );
     // Read-only open leaves them alone.
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(&p).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .unwrap();
     f.write_all_at(&(1u64 << 5).to_be_bytes(), 88).unwrap();
     drop(f);
     drop(Image::open(&p, &OpenOptions::default()).unwrap());
-    assert_eq!(chainvault_qcow::chain::read_header(&p).unwrap().autoclear_features, 1 << 5);
+    assert_eq!(
+        chainvault_qcow::chain::read_header(&p)
+            .unwrap()
+            .autoclear_features,
+        1 << 5
+    );
 }

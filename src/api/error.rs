@@ -59,7 +59,11 @@ impl ApiError {
 
     /// 405 for a known path with a method it does not serve.
     pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> Self {
-        let list: Vec<&str> = allowed.split(',').map(str::trim).filter(|m| !m.is_empty()).collect();
+        let list: Vec<&str> = allowed
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .collect();
         let mut e = Self::new(
             StatusCode::METHOD_NOT_ALLOWED,
             format!(
@@ -139,13 +143,15 @@ impl ApiError {
     /// A `Query` extractor's rejection.
     pub fn from_query_rejection(rej: QueryRejection) -> Self {
         let cause = cause_of(&rej.body_text());
-        Self::bad_request(format!("invalid query string: {cause}")).with_details(json!({ "cause": cause }))
+        Self::bad_request(format!("invalid query string: {cause}"))
+            .with_details(json!({ "cause": cause }))
     }
 
     /// A `Path` extractor's rejection.
     pub fn from_path_rejection(rej: PathRejection) -> Self {
         let cause = cause_of(&rej.body_text());
-        Self::bad_request(format!("invalid path parameter: {cause}")).with_details(json!({ "cause": cause }))
+        Self::bad_request(format!("invalid path parameter: {cause}"))
+            .with_details(json!({ "cause": cause }))
     }
 }
 
@@ -159,7 +165,8 @@ fn cause_of(body_text: &str) -> String {
 
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
-        let status = StatusCode::from_u16(e.status_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(e.status_code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let details = match &e {
             EngineError::NotFound { what, id } => Some(json!({ "what": what, "id": id })),
             _ => None,
@@ -236,7 +243,10 @@ mod tests {
 
     #[test]
     fn cause_is_kept() {
-        assert_eq!(cause_of("Failed to parse: missing field `x`"), "missing field `x`");
+        assert_eq!(
+            cause_of("Failed to parse: missing field `x`"),
+            "missing field `x`"
+        );
         assert_eq!(cause_of("plain"), "plain");
     }
 }

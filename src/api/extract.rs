@@ -66,7 +66,12 @@ where
 
 /// `application/json`, or any `application/*+json`, with parameters.
 fn is_json_content_type(v: &str) -> bool {
-    let mime = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let mime = v
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
 }
 
@@ -111,9 +116,13 @@ mod tests {
     #[test]
     fn json_content_types() {
         assert!(super::is_json_content_type("application/json"));
-        assert!(super::is_json_content_type("application/json; charset=utf-8"));
+        assert!(super::is_json_content_type(
+            "application/json; charset=utf-8"
+        ));
         assert!(super::is_json_content_type("application/problem+json"));
         assert!(!super::is_json_content_type("text/plain"));
-        assert!(!super::is_json_content_type("application/x-www-form-urlencoded"));
+        assert!(!super::is_json_content_type(
+            "application/x-www-form-urlencoded"
+        ));
     }
 }

@@ -35,10 +35,10 @@ where
 fn required<'a>(v: &'a Option<String>, name: &str, example: &str) -> ApiResult<&'a str> {
     match v.as_deref().map(str::trim) {
         Some(s) if !s.is_empty() => Ok(s),
-        _ => Err(
-            ApiError::bad_request(format!("query parameter {name} is required, e.g. {example}"))
-                .with_details(serde_json::json!({ "parameter": name })),
-        ),
+        _ => Err(ApiError::bad_request(format!(
+            "query parameter {name} is required, e.g. {example}"
+        ))
+        .with_details(serde_json::json!({ "parameter": name }))),
     }
 }
 
@@ -76,7 +76,13 @@ pub async fn complete_disk(
     ApiPath(backup_id): ApiPath<String>,
     ApiJson(req): ApiJson<CompleteRequest>,
 ) -> ApiResult<Json<CompleteResponse>> {
-    if req.change_id.as_deref().map(str::trim).unwrap_or("").is_empty() {
+    if req
+        .change_id
+        .as_deref()
+        .map(str::trim)
+        .unwrap_or("")
+        .is_empty()
+    {
         return Err(ApiError::bad_request(
             "change_id is required: send the change_id the hypervisor reported for this disk's snapshot \
              (VMware: the CBT change ID, e.g. \"52 66 8c 2d a7 c5 c5 68-c5 d2 8d 04 79 f5 fd 7d/5490\"); \
@@ -133,7 +139,9 @@ pub async fn previous_change_id(
     const EX: &str = "/api/v1/backups/changeid?vm_name=pgtest1&disk_id=0";
     let vm = required(&q.vm_name, "vm_name", EX)?.to_string();
     let disk = disk_index(&q.disk_id, EX)?;
-    Ok(Json(blocking(&st, move |e| e.previous_change_id(&vm, disk)).await?))
+    Ok(Json(
+        blocking(&st, move |e| e.previous_change_id(&vm, disk)).await?,
+    ))
 }
 
 /// Query of `GET /api/v1/backups`.
@@ -151,7 +159,10 @@ pub struct BackupList {
 }
 
 /// `GET /api/v1/backups?vm_name=&status=`: backups, oldest first.
-pub async fn list_backups(State(st): State<AppState>, ApiQuery(q): ApiQuery<ListQuery>) -> ApiResult<Json<BackupList>> {
+pub async fn list_backups(
+    State(st): State<AppState>,
+    ApiQuery(q): ApiQuery<ListQuery>,
+) -> ApiResult<Json<BackupList>> {
     let vm = optional(&q.vm_name).map(str::to_string);
     let status = match optional(&q.status) {
         None => None,
@@ -170,7 +181,10 @@ pub async fn list_backups(State(st): State<AppState>, ApiQuery(q): ApiQuery<List
 }
 
 /// `GET /api/v1/backups/chain?vm_name=&disk_id=`: every point of one disk.
-pub async fn chain(State(st): State<AppState>, ApiQuery(q): ApiQuery<DiskQuery>) -> ApiResult<Json<ChainView>> {
+pub async fn chain(
+    State(st): State<AppState>,
+    ApiQuery(q): ApiQuery<DiskQuery>,
+) -> ApiResult<Json<ChainView>> {
     const EX: &str = "/api/v1/backups/chain?vm_name=pgtest1&disk_id=0";
     let vm = required(&q.vm_name, "vm_name", EX)?.to_string();
     let disk = disk_index(&q.disk_id, EX)?;
@@ -182,7 +196,9 @@ pub async fn get_backup(
     State(st): State<AppState>,
     ApiPath(backup_id): ApiPath<String>,
 ) -> ApiResult<Json<BackupView>> {
-    Ok(Json(blocking(&st, move |e| e.get_backup(&backup_id)).await?))
+    Ok(Json(
+        blocking(&st, move |e| e.get_backup(&backup_id)).await?,
+    ))
 }
 
 /// Response of the DELETE endpoints.
@@ -251,7 +267,10 @@ pub struct VerifyQuery {
 
 /// `GET /api/v1/verify?vm_name=`: check the catalog against the images.
 /// 200 with the report whether or not it found problems.
-pub async fn verify(State(st): State<AppState>, ApiQuery(q): ApiQuery<VerifyQuery>) -> ApiResult<Json<VerifyReport>> {
+pub async fn verify(
+    State(st): State<AppState>,
+    ApiQuery(q): ApiQuery<VerifyQuery>,
+) -> ApiResult<Json<VerifyReport>> {
     let vm = optional(&q.vm_name).map(str::to_string);
     Ok(Json(blocking(&st, move |e| e.verify(vm.as_deref())).await?))
 }
@@ -266,7 +285,10 @@ pub async fn metrics(State(st): State<AppState>) -> ApiResult<Response> {
     let m = blocking(&st, |e| Ok(e.metrics())).await?;
     Ok((
         StatusCode::OK,
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         render_metrics(&m),
     )
         .into_response())
@@ -287,10 +309,17 @@ pub fn render_metrics(m: &Metrics) -> String {
         }
     }
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP chainvault_backups Backups in the catalog, by status.");
+    let _ = writeln!(
+        out,
+        "# HELP chainvault_backups Backups in the catalog, by status."
+    );
     let _ = writeln!(out, "# TYPE chainvault_backups gauge");
     for (s, n) in &by_status {
-        let _ = writeln!(out, "chainvault_backups{{status=\"{}\"}} {n}", escape_label(s));
+        let _ = writeln!(
+            out,
+            "chainvault_backups{{status=\"{}\"}} {n}",
+            escape_label(s)
+        );
     }
     let _ = writeln!(
         out,
@@ -315,7 +344,9 @@ pub fn render_metrics(m: &Metrics) -> String {
 
 /// Escape a Prometheus label value.
 fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// `GET /api/v1/openapi.json`.
@@ -336,14 +367,28 @@ mod tests {
             active_restores: 1,
         };
         let t = render_metrics(&m);
-        assert!(t.contains("chainvault_backups{status=\"completed\"} 3\n"), "{t}");
-        assert!(t.contains("chainvault_backups{status=\"running\"} 0\n"), "{t}");
-        assert!(t.contains("chainvault_backups{status=\"odd\\\"one\"} 1\n"), "{t}");
-        assert!(t.contains("# TYPE chainvault_bytes_received_total counter\nchainvault_bytes_received_total 42\n"));
+        assert!(
+            t.contains("chainvault_backups{status=\"completed\"} 3\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("chainvault_backups{status=\"running\"} 0\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("chainvault_backups{status=\"odd\\\"one\"} 1\n"),
+            "{t}"
+        );
+        assert!(t.contains(
+            "# TYPE chainvault_bytes_received_total counter\nchainvault_bytes_received_total 42\n"
+        ));
         assert!(t.contains("chainvault_active_exports 2\n"));
         assert!(t.contains("chainvault_active_restores 1\n"));
         for line in t.lines() {
-            assert!(line.starts_with('#') || line.starts_with("chainvault_"), "{line}");
+            assert!(
+                line.starts_with('#') || line.starts_with("chainvault_"),
+                "{line}"
+            );
         }
     }
 

@@ -66,14 +66,23 @@ pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
             "/api/v1/backups",
             post(handlers::start_backup).get(handlers::list_backups),
         )
-        .route("/api/v1/backups/changeid", get(handlers::previous_change_id))
+        .route(
+            "/api/v1/backups/changeid",
+            get(handlers::previous_change_id),
+        )
         .route("/api/v1/backups/chain", get(handlers::chain))
         .route(
             "/api/v1/backups/{backup_id}",
             get(handlers::get_backup).delete(handlers::delete_backup),
         )
-        .route("/api/v1/backups/{backup_id}/complete", post(handlers::complete_disk))
-        .route("/api/v1/backups/{backup_id}/fail", post(handlers::fail_backup))
+        .route(
+            "/api/v1/backups/{backup_id}/complete",
+            post(handlers::complete_disk),
+        )
+        .route(
+            "/api/v1/backups/{backup_id}/fail",
+            post(handlers::fail_backup),
+        )
         .route("/api/v1/restores", post(handlers::open_restore))
         .route(
             "/api/v1/restores/{restore_id}",
@@ -91,7 +100,10 @@ pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
     // axum's 405 with its `Allow` header.
     let mut outer = Router::new().fallback_service(app);
     if let Some(token) = auth_token.filter(|t| !t.is_empty()) {
-        outer = outer.layer(middleware::from_fn_with_state(Arc::<str>::from(token), require_token));
+        outer = outer.layer(middleware::from_fn_with_state(
+            Arc::<str>::from(token),
+            require_token,
+        ));
     }
     outer
         .layer(middleware::from_fn(declared_length))
@@ -116,8 +128,10 @@ async fn declared_length(req: Request, next: Next) -> Response {
             ),
         )
         .into_response();
-        resp.headers_mut()
-            .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        resp.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
         return resp;
     }
     next.run(req).await

@@ -103,9 +103,16 @@ pub enum Change {
     PutBackup(BackupRecord),
     PutDisk(DiskBackupRecord),
     DeleteBackup(String),
-    DeleteDisk { vm_name: String, backup_id: String, disk_id: u32 },
+    DeleteDisk {
+        vm_name: String,
+        backup_id: String,
+        disk_id: u32,
+    },
     PutHead(ChainHead),
-    DeleteHead { vm_name: String, disk_id: u32 },
+    DeleteHead {
+        vm_name: String,
+        disk_id: u32,
+    },
 }
 
 impl Catalog {
@@ -114,7 +121,10 @@ impl Catalog {
         let db = sled::Config::new().path(path).open().map_err(|e| {
             let p = path.display().to_string();
             match &e {
-                sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock || io.raw_os_error() == Some(11) => {
+                sled::Error::Io(io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.raw_os_error() == Some(11) =>
+                {
                     CatalogError::Locked { path: p }
                 }
                 _ if e.to_string().contains("lock") => CatalogError::Locked { path: p },
@@ -146,7 +156,13 @@ impl Catalog {
 
     /// Apply `changes` atomically and make them durable.
     pub fn apply(&self, changes: &[Change]) -> CatalogResult<()> {
-        (&self.vms, &self.backups, &self.disks, &self.index, &self.heads)
+        (
+            &self.vms,
+            &self.backups,
+            &self.disks,
+            &self.index,
+            &self.heads,
+        )
             .transaction(|(vms, backups, disks, index, heads)| -> TxResult {
                 for c in changes {
                     apply_one(c, vms, backups, disks, index, heads)?;
@@ -159,20 +175,32 @@ impl Catalog {
     }
 
     pub fn vm(&self, name: &str) -> CatalogResult<Option<VmRecord>> {
-        self.vms.get(name)?.map(|v| dec(name.as_bytes(), &v)).transpose()
+        self.vms
+            .get(name)?
+            .map(|v| dec(name.as_bytes(), &v))
+            .transpose()
     }
 
     pub fn vms(&self) -> CatalogResult<Vec<VmRecord>> {
-        self.vms.iter().map(|r| r.map_err(CatalogError::from).and_then(|(k, v)| dec(&k, &v))).collect()
+        self.vms
+            .iter()
+            .map(|r| r.map_err(CatalogError::from).and_then(|(k, v)| dec(&k, &v)))
+            .collect()
     }
 
     pub fn backup(&self, id: &str) -> CatalogResult<Option<BackupRecord>> {
-        self.backups.get(id)?.map(|v| dec(id.as_bytes(), &v)).transpose()
+        self.backups
+            .get(id)?
+            .map(|v| dec(id.as_bytes(), &v))
+            .transpose()
     }
 
     /// All backups, oldest first.
     pub fn backups(&self) -> CatalogResult<Vec<BackupRecord>> {
-        self.backups.iter().map(|r| r.map_err(CatalogError::from).and_then(|(k, v)| dec(&k, &v))).collect()
+        self.backups
+            .iter()
+            .map(|r| r.map_err(CatalogError::from).and_then(|(k, v)| dec(&k, &v)))
+            .collect()
     }
 
     pub fn disk(&self, backup_id: &str, disk_id: u32) -> CatalogResult<Option<DiskBackupRecord>> {
@@ -207,7 +235,10 @@ impl Catalog {
 
     /// All disk backups, in (backup id, disk) order.
     pub fn all_disks(&self) -> CatalogResult<Vec<DiskBackupRecord>> {
-        self.disks.iter().map(|r| r.map_err(CatalogError::from).and_then(|(k, v)| dec(&k, &v))).collect()
+        self.disks
+            .iter()
+            .map(|r| r.map_err(CatalogError::from).and_then(|(k, v)| dec(&k, &v)))
+            .collect()
     }
 
     pub fn head(&self, vm: &str, disk_id: u32) -> CatalogResult<Option<ChainHead>> {
@@ -216,12 +247,18 @@ impl Catalog {
     }
 
     pub fn heads(&self) -> CatalogResult<Vec<ChainHead>> {
-        self.heads.iter().map(|r| r.map_err(CatalogError::from).and_then(|(k, v)| dec(&k, &v))).collect()
+        self.heads
+            .iter()
+            .map(|r| r.map_err(CatalogError::from).and_then(|(k, v)| dec(&k, &v)))
+            .collect()
     }
 
     /// The running backup of a VM, if any.
     pub fn running_backup_of(&self, vm: &str) -> CatalogResult<Option<BackupRecord>> {
-        Ok(self.backups()?.into_iter().find(|b| b.vm_name == vm && b.status == Status::Running))
+        Ok(self
+            .backups()?
+            .into_iter()
+            .find(|b| b.vm_name == vm && b.status == Status::Running))
     }
 
     pub fn flush(&self) -> CatalogResult<()> {

@@ -49,7 +49,8 @@ pub fn run(a: ExportArgs) -> anyhow::Result<u8> {
 }
 
 async fn serve(a: ExportArgs) -> anyhow::Result<u8> {
-    let writable = !a.read_only && chainvault_qcow::chain::probe_format(&a.file)? == chainvault_qcow::chain::Format::Qcow2;
+    let writable = !a.read_only
+        && chainvault_qcow::chain::probe_format(&a.file)? == chainvault_qcow::chain::Format::Qcow2;
     let opts = ChainOptions {
         root: a.backing_root.clone(),
         max_depth: a.max_depth,
@@ -63,7 +64,11 @@ async fn serve(a: ExportArgs) -> anyhow::Result<u8> {
     let desc = format!(
         "{}{}",
         a.file.display(),
-        if layers > 1 { format!(" ({layers} layers)") } else { String::new() }
+        if layers > 1 {
+            format!(" ({layers} layers)")
+        } else {
+            String::new()
+        }
     );
     let export = Arc::new(QcowExport::new(chain.clone(), desc));
 

@@ -9,7 +9,9 @@ use anyhow::{anyhow, bail, Context};
 use chainvault_qcow::chain::{probe_format, Format};
 use chainvault_qcow::check::{check, CheckOptions};
 use chainvault_qcow::create::create;
-use chainvault_qcow::{BackingFormat, BackingSpec, Chain, ChainOptions, CreateOptions, Extent, ExtentKind, Layer};
+use chainvault_qcow::{
+    BackingFormat, BackingSpec, Chain, ChainOptions, CreateOptions, Extent, ExtentKind, Layer,
+};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
@@ -108,7 +110,12 @@ pub enum OutFormat {
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Output format.
-    #[arg(short = 'O', long = "output-format", value_enum, default_value = "qcow2")]
+    #[arg(
+        short = 'O',
+        long = "output-format",
+        value_enum,
+        default_value = "qcow2"
+    )]
     pub format: OutFormat,
     /// With -O qcow2: make DST an overlay on FILE and write only what differs from it.
     #[arg(long, short = 'B', value_name = "FILE")]
@@ -159,10 +166,17 @@ pub fn relative_to(target: &Path, base: &Path) -> PathBuf {
 
 /// The directory a new file will live in, canonicalised.
 fn parent_dir(file: &Path) -> anyhow::Result<PathBuf> {
-    let parent = file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    parent
-        .canonicalize()
-        .with_context(|| format!("directory {} of {} does not exist", parent.display(), file.display()))
+    let parent = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    parent.canonicalize().with_context(|| {
+        format!(
+            "directory {} of {} does not exist",
+            parent.display(),
+            file.display()
+        )
+    })
 }
 
 /// Backing spec for a new overlay at `file` on `backing`: a name relative to the
@@ -178,7 +192,10 @@ fn backing_spec(file: &Path, backing: &Path) -> anyhow::Result<(BackingSpec, u64
     };
     let name = relative_to(&b, &parent_dir(file)?);
     let spec = BackingSpec {
-        name: name.to_str().ok_or_else(|| anyhow!("backing path {} is not UTF-8", b.display()))?.to_string(),
+        name: name
+            .to_str()
+            .ok_or_else(|| anyhow!("backing path {} is not UTF-8", b.display()))?
+            .to_string(),
         format: match fmt {
             Format::Qcow2 => BackingFormat::Qcow2,
             Format::Raw => BackingFormat::Raw,
@@ -216,7 +233,12 @@ fn cmd_create(a: CreateArgs) -> anyhow::Result<u8> {
             b.name,
             b.format.as_str()
         ),
-        None => println!("Created {} ({}, {}-byte clusters)", a.file.display(), human(size), a.cluster_size),
+        None => println!(
+            "Created {} ({}, {}-byte clusters)",
+            a.file.display(),
+            human(size),
+            a.cluster_size
+        ),
     }
     Ok(0)
 }
@@ -283,8 +305,16 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<u8> {
                 }
             }
             println!("Format specific information:");
-            println!("    compat: {}", if h.version >= 3 { "1.1" } else { "0.10" });
-            println!("    compression type: {}", serde_json::to_value(h.compression_type)?.as_str().unwrap_or("?"));
+            println!(
+                "    compat: {}",
+                if h.version >= 3 { "1.1" } else { "0.10" }
+            );
+            println!(
+                "    compression type: {}",
+                serde_json::to_value(h.compression_type)?
+                    .as_str()
+                    .unwrap_or("?")
+            );
             println!("    lazy refcounts: {}", h.compatible_features & 1 != 0);
             println!("    refcount bits: {}", h.refcount_bits());
             println!("    corrupt: {}", h.incompatible_features & 2 != 0);
@@ -295,7 +325,12 @@ fn cmd_info(a: InfoArgs) -> anyhow::Result<u8> {
 }
 
 fn cmd_check(a: CheckArgs) -> anyhow::Result<u8> {
-    let report = check(&a.file, &CheckOptions { repair_leaks: a.repair })?;
+    let report = check(
+        &a.file,
+        &CheckOptions {
+            repair_leaks: a.repair,
+        },
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -344,9 +379,20 @@ fn cmd_map(a: MapArgs) -> anyhow::Result<u8> {
     } else {
         println!("{:<20}{:<20}{:<20}File", "Offset", "Length", "Mapped to");
         for e in all.iter().filter(|e| e.kind == ExtentKind::Data) {
-            let file = chain.layers()[e.depth as usize].path().display().to_string();
-            let mapped = e.host_offset.map_or("compressed".to_string(), |o| format!("{o:#x}"));
-            println!("{:<20}{:<20}{:<20}{}", format!("{:#x}", e.offset), format!("{:#x}", e.length), mapped, file);
+            let file = chain.layers()[e.depth as usize]
+                .path()
+                .display()
+                .to_string();
+            let mapped = e
+                .host_offset
+                .map_or("compressed".to_string(), |o| format!("{o:#x}"));
+            println!(
+                "{:<20}{:<20}{:<20}{}",
+                format!("{:#x}", e.offset),
+                format!("{:#x}", e.length),
+                mapped,
+                file
+            );
         }
     }
     Ok(0)
@@ -374,20 +420,31 @@ impl Progress {
             return;
         }
         self.last = Instant::now();
-        let pct = if self.total == 0 { 100.0 } else { done as f64 * 100.0 / self.total as f64 };
+        let pct = if self.total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / self.total as f64
+        };
         eprint!("\r  {pct:5.1}% of {}", human(self.total));
         let _ = std::io::stderr().flush();
     }
     fn finish(&self) {
         if self.tty {
-            eprintln!("\r  100.0% of {} in {:.1}s", human(self.total), self.start.elapsed().as_secs_f64());
+            eprintln!(
+                "\r  100.0% of {} in {:.1}s",
+                human(self.total),
+                self.start.elapsed().as_secs_f64()
+            );
         }
     }
 }
 
 fn cmd_convert(a: ConvertArgs) -> anyhow::Result<u8> {
     if a.dst.exists() {
-        bail!("destination {} already exists; remove it or choose another name", a.dst.display());
+        bail!(
+            "destination {} already exists; remove it or choose another name",
+            a.dst.display()
+        );
     }
     let src = Chain::open(&a.src, &a.chain.options(false))?;
     let size = src.size();
@@ -505,7 +562,10 @@ fn convert_qcow2(src: &Chain, a: &ConvertArgs, size: u64) -> anyhow::Result<()> 
             ..Default::default()
         },
     )?;
-    let img = out.top_image().ok_or_else(|| anyhow!("destination is not qcow2"))?.clone();
+    let img = out
+        .top_image()
+        .ok_or_else(|| anyhow!("destination is not qcow2"))?
+        .clone();
     let cs = a.cluster_size;
     // Granularity of the comparison with the backing chain: what the overlay can store alone.
     let gran = if a.extended_l2 { cs / 32 } else { cs };
@@ -601,8 +661,17 @@ mod tests {
 
     #[test]
     fn relative_paths() {
-        assert_eq!(relative_to(Path::new("/a/b/c.qcow2"), Path::new("/a/b")), PathBuf::from("c.qcow2"));
-        assert_eq!(relative_to(Path::new("/a/x/c.qcow2"), Path::new("/a/b")), PathBuf::from("../x/c.qcow2"));
-        assert_eq!(relative_to(Path::new("/c.qcow2"), Path::new("/a/b")), PathBuf::from("../../c.qcow2"));
+        assert_eq!(
+            relative_to(Path::new("/a/b/c.qcow2"), Path::new("/a/b")),
+            PathBuf::from("c.qcow2")
+        );
+        assert_eq!(
+            relative_to(Path::new("/a/x/c.qcow2"), Path::new("/a/b")),
+            PathBuf::from("../x/c.qcow2")
+        );
+        assert_eq!(
+            relative_to(Path::new("/c.qcow2"), Path::new("/a/b")),
+            PathBuf::from("../../c.qcow2")
+        );
     }
 }

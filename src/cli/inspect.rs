@@ -33,7 +33,12 @@ pub struct SourceArgs {
     )]
     pub server: String,
     /// Bearer token of the daemon, if it has one.
-    #[arg(long, value_name = "TOKEN", env = "CHAINVAULT_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "CHAINVAULT_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// Read this repository directly instead of asking a daemon (the daemon
     /// must not be running on it).
@@ -118,7 +123,9 @@ pub struct RebuildArgs {
 }
 
 fn parse_status(s: &str) -> Result<Status, String> {
-    Status::parse(s).ok_or_else(|| format!("{s:?} is not a status: use running, completed, failed or interrupted"))
+    Status::parse(s).ok_or_else(|| {
+        format!("{s:?} is not a status: use running, completed, failed or interrupted")
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -135,15 +142,20 @@ impl Source {
     fn open(a: &SourceArgs) -> anyhow::Result<Source> {
         match &a.data {
             Some(dir) => {
-                let engine = Engine::open_offline(dir)
-                    .with_context(|| format!("cannot open the repository {} offline", dir.display()))?;
+                let engine = Engine::open_offline(dir).with_context(|| {
+                    format!("cannot open the repository {} offline", dir.display())
+                })?;
                 Ok(Source::Offline(engine))
             }
             None => Ok(Source::Http(HttpSource::new(&a.server, a.token.clone()))),
         }
     }
 
-    fn list_backups(&self, vm: Option<&str>, status: Option<Status>) -> anyhow::Result<Vec<BackupView>> {
+    fn list_backups(
+        &self,
+        vm: Option<&str>,
+        status: Option<Status>,
+    ) -> anyhow::Result<Vec<BackupView>> {
         match self {
             Source::Offline(e) => Ok(e.list_backups(vm, status)?),
             Source::Http(h) => {
@@ -173,7 +185,8 @@ impl Source {
         match self {
             Source::Offline(e) => Ok(e.verify(vm)?),
             Source::Http(h) => {
-                let q: Vec<(&str, String)> = vm.map(|v| ("vm_name", v.to_string())).into_iter().collect();
+                let q: Vec<(&str, String)> =
+                    vm.map(|v| ("vm_name", v.to_string())).into_iter().collect();
                 h.get("/api/v1/verify", &q)
             }
         }
@@ -288,9 +301,15 @@ pub fn run_chain(cmd: ChainCmd) -> anyhow::Result<u8> {
             if a.json {
                 print_json(&report)?;
             } else {
-                let scope = a.vm.as_deref().map(|v| format!(" of VM {v}")).unwrap_or_default();
+                let scope =
+                    a.vm.as_deref()
+                        .map(|v| format!(" of VM {v}"))
+                        .unwrap_or_default();
                 if report.is_clean() {
-                    println!("{} points{scope} checked: no problems", report.points_checked);
+                    println!(
+                        "{} points{scope} checked: no problems",
+                        report.points_checked
+                    );
                 } else {
                     println!(
                         "{} points{scope} checked: {} problem{}",
@@ -338,7 +357,10 @@ pub fn run_catalog(cmd: CatalogCmd) -> anyhow::Result<u8> {
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v).context("cannot encode JSON")?);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).context("cannot encode JSON")?
+    );
     Ok(())
 }
 
@@ -384,7 +406,11 @@ pub fn render_backup_table(backups: &[BackupView]) -> String {
     let rows: Vec<[String; 7]> = backups
         .iter()
         .map(|b| {
-            let done = b.disks.iter().filter(|d| d.status == Status::Completed).count();
+            let done = b
+                .disks
+                .iter()
+                .filter(|d| d.status == Status::Completed)
+                .count();
             let total = b.disks.len().max(b.backup.disk_ids.len());
             let size: u64 = b.disks.iter().filter_map(|d| d.size_on_disk).sum();
             let has_size = b.disks.iter().any(|d| d.size_on_disk.is_some());
@@ -454,7 +480,11 @@ pub fn render_chain(c: &ChainView) -> String {
         .iter()
         .filter(|id| groups[*id].iter().any(|p| p.status == Status::Completed))
         .count();
-    let unfinished = c.points.iter().filter(|p| p.status != Status::Completed).count();
+    let unfinished = c
+        .points
+        .iter()
+        .filter(|p| p.status != Status::Completed)
+        .count();
     out.push_str(&format!(
         "{} disk {} ({key}{cap}): {} point{} in {} chain{}{}\n",
         c.vm_name,
@@ -501,7 +531,11 @@ pub fn render_chain(c: &ChainView) -> String {
 
         for (i, p) in points.iter().enumerate() {
             let last = i + 1 == points.len();
-            let (branch, cont) = if last { ("└─", "   ") } else { ("├─", "│  ") };
+            let (branch, cont) = if last {
+                ("└─", "   ")
+            } else {
+                ("├─", "│  ")
+            };
             let size = p.size_on_disk.map(human).unwrap_or_else(|| "-".into());
             let mut line = format!(
                 "{branch} {}  {:<11}  {:>10}  {:<11}  {}",
@@ -539,7 +573,13 @@ pub fn render_chain(c: &ChainView) -> String {
 mod tests {
     use super::*;
 
-    fn point(id: &str, parent: Option<&str>, chain: &str, mode: BackupType, status: Status) -> DiskBackupRecord {
+    fn point(
+        id: &str,
+        parent: Option<&str>,
+        chain: &str,
+        mode: BackupType,
+        status: Status,
+    ) -> DiskBackupRecord {
         DiskBackupRecord {
             backup_id: id.into(),
             disk_id: 0,
@@ -552,8 +592,12 @@ mod tests {
             chain_id: chain.into(),
             image: format!("pgtest1/0/{id}.qcow2"),
             status,
-            change_id: (status == Status::Completed)
-                .then(|| format!("52 66 8c 2d a7 c5 c5 68-c5 d2 8d 04 79 f5 fd 7d/{}", id.len() * 100)),
+            change_id: (status == Status::Completed).then(|| {
+                format!(
+                    "52 66 8c 2d a7 c5 c5 68-c5 d2 8d 04 79 f5 fd 7d/{}",
+                    id.len() * 100
+                )
+            }),
             bytes_transferred: None,
             size_on_disk: (status == Status::Completed).then_some(43 << 20),
             started_at: "2025-03-01T02:00:00.123456Z".into(),
@@ -578,8 +622,20 @@ mod tests {
             }),
             points: vec![
                 point("b1", None, "c1", BackupType::Full, Status::Completed),
-                point("b2", Some("b1"), "c1", BackupType::Incremental, Status::Completed),
-                point("b3", Some("b2"), "c1", BackupType::Incremental, Status::Failed),
+                point(
+                    "b2",
+                    Some("b1"),
+                    "c1",
+                    BackupType::Incremental,
+                    Status::Completed,
+                ),
+                point(
+                    "b3",
+                    Some("b2"),
+                    "c1",
+                    BackupType::Incremental,
+                    Status::Failed,
+                ),
                 reset,
             ],
         };
@@ -587,7 +643,10 @@ mod tests {
         assert!(t.contains("├─ 2025-03-01 02:00:00Z  full"), "{t}");
         assert!(t.contains("← b1"), "{t}");
         assert!(t.contains("└─ 2025-03-01 02:00:00Z  incremental"), "{t}");
-        assert!(t.contains("── new chain: CBT reset of this disk  [current]"), "{t}");
+        assert!(
+            t.contains("── new chain: CBT reset of this disk  [current]"),
+            "{t}"
+        );
         assert!(t.contains("4 points in 2 chains, 1 not completed"), "{t}");
         assert!(t.contains("◀ head"), "{t}");
         assert!(t.contains("error: timed out"), "{t}");
@@ -595,7 +654,10 @@ mod tests {
 
     #[test]
     fn times() {
-        assert_eq!(short_time("2025-03-01T02:00:00.123Z"), "2025-03-01 02:00:00Z");
+        assert_eq!(
+            short_time("2025-03-01T02:00:00.123Z"),
+            "2025-03-01 02:00:00Z"
+        );
         assert_eq!(short_time("yesterday"), "yesterday");
     }
 

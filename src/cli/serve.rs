@@ -23,7 +23,12 @@ const HTTP_DRAIN: Duration = Duration::from_secs(30);
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// Repository directory (catalog and images); created if missing.
-    #[arg(long, value_name = "DIR", env = "CHAINVAULT_DATA", default_value = "chainvault-data")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "CHAINVAULT_DATA",
+        default_value = "chainvault-data"
+    )]
     pub data: PathBuf,
     /// HTTP API address (port 0 picks a free port; see the `ready` line).
     #[arg(
@@ -45,7 +50,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH", env = "CHAINVAULT_NBD_SOCKET")]
     pub nbd_socket: Option<PathBuf>,
     /// Require `Authorization: Bearer TOKEN` on every HTTP route but /healthz.
-    #[arg(long, value_name = "TOKEN", env = "CHAINVAULT_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "CHAINVAULT_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// Fail a disk backup with no NBD activity and no completion for this long (e.g. 45s, 30m, 2h, 1h30m).
     #[arg(long, value_name = "DURATION", env = "CHAINVAULT_DISK_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
@@ -100,7 +110,9 @@ impl ServeArgs {
 pub fn nbd_uri_base(addr: &chainvault_nbd::ListenAddr) -> String {
     let uri = addr.uri("");
     match addr {
-        chainvault_nbd::ListenAddr::Tcp(_) => uri.strip_suffix('/').map(str::to_string).unwrap_or(uri),
+        chainvault_nbd::ListenAddr::Tcp(_) => {
+            uri.strip_suffix('/').map(str::to_string).unwrap_or(uri)
+        }
         chainvault_nbd::ListenAddr::Unix(_) => uri,
     }
 }
@@ -117,7 +129,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = t;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return Err(format!("duration {s:?} is not like 45s, 30m, 2h or 1h30m"));
         }
@@ -125,13 +139,18 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .parse()
             .map_err(|_| format!("duration {s:?} has a number that is too large"))?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let part = match unit {
             "ms" => Duration::from_millis(n),
             "s" | "sec" | "secs" => Duration::from_secs(n),
-            "m" | "min" | "mins" => n.checked_mul(60).map(Duration::from_secs).ok_or("duration too large")?,
+            "m" | "min" | "mins" => n
+                .checked_mul(60)
+                .map(Duration::from_secs)
+                .ok_or("duration too large")?,
             "h" => n
                 .checked_mul(3600)
                 .map(Duration::from_secs)
@@ -140,7 +159,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
                 .checked_mul(86400)
                 .map(Duration::from_secs)
                 .ok_or("duration too large")?,
-            "" => return Err(format!("duration {s:?} needs a unit after {n} (ms, s, m, h or d)")),
+            "" => {
+                return Err(format!(
+                    "duration {s:?} needs a unit after {n} (ms, s, m, h or d)"
+                ))
+            }
             other => {
                 return Err(format!(
                     "duration {s:?} has an unknown unit {other:?} (use ms, s, m, h or d)"
@@ -191,7 +214,12 @@ async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
     // starts, and nothing listens on NBD for a daemon that cannot serve HTTP.
     let listener = tokio::net::TcpListener::bind(a.listen)
         .await
-        .with_context(|| format!("cannot listen for HTTP on {} (--listen / CHAINVAULT_LISTEN)", a.listen))?;
+        .with_context(|| {
+            format!(
+                "cannot listen for HTTP on {} (--listen / CHAINVAULT_LISTEN)",
+                a.listen
+            )
+        })?;
     let http_addr = listener
         .local_addr()
         .context("cannot read the HTTP listener's address")?;
@@ -224,12 +252,21 @@ async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
         .with_context(|| format!("cannot open the repository in {}", a.data.display()))?;
     let app = crate::api::router(engine.clone(), token);
 
-    let nbd = nbd_uri_base(&engine.nbd_address().cloned().unwrap_or_else(|| a.nbd_address()));
+    let nbd = nbd_uri_base(
+        &engine
+            .nbd_address()
+            .cloned()
+            .unwrap_or_else(|| a.nbd_address()),
+    );
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "ready api=http://{} nbd={nbd}", http_authority(http_addr))
-            .and_then(|_| out.flush())
-            .context("cannot write the ready line to stdout")?;
+        writeln!(
+            out,
+            "ready api=http://{} nbd={nbd}",
+            http_authority(http_addr)
+        )
+        .and_then(|_| out.flush())
+        .context("cannot write the ready line to stdout")?;
     }
     tracing::info!(api = %http_addr, %nbd, "chainvault is ready");
 
@@ -242,7 +279,10 @@ async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
             .await
     });
     let signal = wait_for_signal().await?;
-    tracing::info!(signal, "shutting down: no new HTTP requests; waiting for running ones");
+    tracing::info!(
+        signal,
+        "shutting down: no new HTTP requests; waiting for running ones"
+    );
     let _ = stop_tx.send(());
     match tokio::time::timeout(HTTP_DRAIN, server).await {
         Ok(Ok(Ok(()))) => {}
@@ -326,14 +366,23 @@ mod tests {
 
     #[test]
     fn authorities() {
-        assert_eq!(http_authority("0.0.0.0:8420".parse().unwrap()), "127.0.0.1:8420");
+        assert_eq!(
+            http_authority("0.0.0.0:8420".parse().unwrap()),
+            "127.0.0.1:8420"
+        );
         assert_eq!(http_authority("[::]:8420".parse().unwrap()), "[::1]:8420");
-        assert_eq!(http_authority("10.1.2.3:80".parse().unwrap()), "10.1.2.3:80");
+        assert_eq!(
+            http_authority("10.1.2.3:80".parse().unwrap()),
+            "10.1.2.3:80"
+        );
     }
 
     #[test]
     fn nbd_uri_bases() {
-        assert_eq!(nbd_uri_base(&args(&[]).nbd_address()), "nbd://127.0.0.1:10809");
+        assert_eq!(
+            nbd_uri_base(&args(&[]).nbd_address()),
+            "nbd://127.0.0.1:10809"
+        );
         assert_eq!(
             nbd_uri_base(&args(&["--nbd-listen", "[::1]:1234"]).nbd_address()),
             "nbd://[::1]:1234"

@@ -22,7 +22,10 @@ pub enum EngineError {
 
 impl EngineError {
     pub fn not_found(what: &'static str, id: impl Into<String>) -> Self {
-        EngineError::NotFound { what, id: id.into() }
+        EngineError::NotFound {
+            what,
+            id: id.into(),
+        }
     }
     pub fn internal(e: impl std::fmt::Display) -> Self {
         EngineError::Internal(e.to_string())

@@ -121,7 +121,9 @@ fn crash_point(name: &str) {
 
 fn validate_vm_name(name: &str) -> EngineResult<()> {
     if name.trim().is_empty() {
-        return Err(EngineError::BadRequest("vm_name is required and must not be empty".into()));
+        return Err(EngineError::BadRequest(
+            "vm_name is required and must not be empty".into(),
+        ));
     }
     if name.len() > 255 || name.chars().any(|c| c.is_control()) {
         return Err(EngineError::BadRequest(
@@ -142,18 +144,24 @@ impl Engine {
     /// Open the repository, recover from any crash, and start the NBD listener.
     pub async fn open(cfg: EngineConfig) -> EngineResult<Arc<Engine>> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-            EngineError::Internal(format!("cannot create data directory {}: {e}", cfg.data_dir.display()))
+            EngineError::Internal(format!(
+                "cannot create data directory {}: {e}",
+                cfg.data_dir.display()
+            ))
         })?;
-        let data = cfg
-            .data_dir
-            .canonicalize()
-            .map_err(|e| EngineError::Internal(format!("data directory {}: {e}", cfg.data_dir.display())))?;
+        let data = cfg.data_dir.canonicalize().map_err(|e| {
+            EngineError::Internal(format!("data directory {}: {e}", cfg.data_dir.display()))
+        })?;
         let catalog = Engine::open_catalog(&data)?;
         let server = Server::new(ServerConfig::default());
         let nbd_addr = match (&cfg.nbd_socket, cfg.nbd_listen) {
             (Some(p), _) => server.listen_unix(p).await,
             (None, Some(a)) => server.listen_tcp(a).await,
-            (None, None) => server.listen_tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 10809))).await,
+            (None, None) => {
+                server
+                    .listen_tcp(std::net::SocketAddr::from(([127, 0, 0, 1], 10809)))
+                    .await
+            }
         }
         .map_err(|e| EngineError::Internal(format!("cannot start the NBD listener: {e}")))?;
         let engine = Arc::new(Engine {
@@ -186,9 +194,9 @@ impl Engine {
     /// Open the repository read-only for inspection when no daemon runs (no NBD,
     /// no recovery). Fails with a clear message if the daemon holds the catalog.
     pub fn open_offline(data_dir: &Path) -> EngineResult<Arc<Engine>> {
-        let data = data_dir
-            .canonicalize()
-            .map_err(|e| EngineError::BadRequest(format!("data directory {}: {e}", data_dir.display())))?;
+        let data = data_dir.canonicalize().map_err(|e| {
+            EngineError::BadRequest(format!("data directory {}: {e}", data_dir.display()))
+        })?;
         if !data.join("catalog").exists() {
             return Err(EngineError::BadRequest(format!(
                 "{} holds no chainvault catalog (expected {}/catalog)",
@@ -225,9 +233,11 @@ impl Engine {
     }
 
     fn server(&self) -> EngineResult<&Server> {
-        self.nbd
-            .as_ref()
-            .ok_or_else(|| EngineError::Conflict("the repository is open offline; start `chainvault serve` for this".into()))
+        self.nbd.as_ref().ok_or_else(|| {
+            EngineError::Conflict(
+                "the repository is open offline; start `chainvault serve` for this".into(),
+            )
+        })
     }
 
     fn check_open(&self) -> EngineResult<()> {
@@ -257,12 +267,17 @@ impl Engine {
         validate_vm_name(&req.vm_name)?;
         if let Some(disks) = &req.disks {
             if disks.is_empty() {
-                return Err(EngineError::BadRequest("disks must list at least one disk".into()));
+                return Err(EngineError::BadRequest(
+                    "disks must list at least one disk".into(),
+                ));
             }
             let mut seen = std::collections::HashSet::new();
             for d in disks {
                 if !seen.insert(d.disk_id) {
-                    return Err(EngineError::BadRequest(format!("disk_id {} is listed twice", d.disk_id)));
+                    return Err(EngineError::BadRequest(format!(
+                        "disk_id {} is listed twice",
+                        d.disk_id
+                    )));
                 }
                 if let Some(c) = d.capacity_bytes {
                     if c == 0 || c % 512 != 0 {
@@ -331,7 +346,12 @@ impl Engine {
         let selected: Vec<(VmDisk, Option<&DiskSpec>)> = match &req.disks {
             Some(specs) => specs
                 .iter()
-                .filter_map(|s| vm.disks.iter().find(|d| d.disk_id == s.disk_id).map(|d| (d.clone(), Some(s))))
+                .filter_map(|s| {
+                    vm.disks
+                        .iter()
+                        .find(|d| d.disk_id == s.disk_id)
+                        .map(|d| (d.clone(), Some(s)))
+                })
                 .collect(),
             None => vm.disks.iter().map(|d| (d.clone(), None)).collect(),
         };
@@ -373,29 +393,46 @@ impl Engine {
                     ),
                     (BackupType::Incremental, None) => (
                         BackupType::Full,
-                        Some(format!("disk {} has no completed backup to build on", disk.disk_id)),
+                        Some(format!(
+                            "disk {} has no completed backup to build on",
+                            disk.disk_id
+                        )),
                         None,
                         format!("c-{}", repo::random_hex(6)),
                         String::new(),
                     ),
                     (BackupType::Full, Some(h)) if compare => (
                         BackupType::Full,
-                        Some("full read stored as the clusters that differ from the previous point".to_string()),
+                        Some(
+                            "full read stored as the clusters that differ from the previous point"
+                                .to_string(),
+                        ),
                         Some(h.head_backup_id.clone()),
                         h.chain_id.clone(),
                         String::new(),
                     ),
                     (BackupType::Full, _) => {
-                        let reason = (req.backup_type == BackupType::Incremental)
-                            .then(|| format!("full requested for disk {} (changed-block tracking reset)", disk.disk_id));
-                        (BackupType::Full, reason, None, format!("c-{}", repo::random_hex(6)), String::new())
+                        let reason = (req.backup_type == BackupType::Incremental).then(|| {
+                            format!(
+                                "full requested for disk {} (changed-block tracking reset)",
+                                disk.disk_id
+                            )
+                        });
+                        (
+                            BackupType::Full,
+                            reason,
+                            None,
+                            format!("c-{}", repo::random_hex(6)),
+                            String::new(),
+                        )
                     }
                 };
                 let rel = repo::image_rel(&vm_name, disk.disk_id, &backup_id);
                 let abs = self.data.join(&rel);
                 if let Some(dir) = abs.parent() {
-                    std::fs::create_dir_all(dir)
-                        .map_err(|e| EngineError::Internal(format!("cannot create {}: {e}", dir.display())))?;
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        EngineError::Internal(format!("cannot create {}: {e}", dir.display()))
+                    })?;
                 }
                 create(
                     &abs,
@@ -430,8 +467,9 @@ impl Engine {
                     completed_at: None,
                     error: None,
                 };
-                repo::write_sidecar(&abs, &repo::Sidecar::new(&backup, &record))
-                    .map_err(|e| EngineError::Internal(format!("cannot write sidecar of {}: {e}", abs.display())))?;
+                repo::write_sidecar(&abs, &repo::Sidecar::new(&backup, &record)).map_err(|e| {
+                    EngineError::Internal(format!("cannot write sidecar of {}: {e}", abs.display()))
+                })?;
                 plans.push((prev_change, compare && record.parent_backup_id.is_some()));
                 records.push(record);
             }
@@ -489,20 +527,36 @@ impl Engine {
         })
     }
 
-    fn open_disk_export(&self, rec: &DiskBackupRecord, compare: bool) -> EngineResult<(String, String)> {
+    fn open_disk_export(
+        &self,
+        rec: &DiskBackupRecord,
+        compare: bool,
+    ) -> EngineResult<(String, String)> {
         let server = self.server()?;
         let abs = self.abs(&rec.image);
         let chain = Arc::new(Chain::open(&abs, &self.chain_options(true))?);
         let activity = Arc::new(Activity::default());
         activity.touch();
-        let name = format!("{}-d{}-{}", rec.backup_id, rec.disk_id, repo::random_hex(16));
-        let export = QcowExport::new(chain.clone(), format!("{} disk {} ({})", rec.vm_name, rec.disk_id, rec.backup_id))
-            .compare_with_backing(compare)
-            .with_activity(activity.clone());
+        let name = format!(
+            "{}-d{}-{}",
+            rec.backup_id,
+            rec.disk_id,
+            repo::random_hex(16)
+        );
+        let export = QcowExport::new(
+            chain.clone(),
+            format!("{} disk {} ({})", rec.vm_name, rec.disk_id, rec.backup_id),
+        )
+        .compare_with_backing(compare)
+        .with_activity(activity.clone());
         server
             .add_export(name.clone(), Arc::new(export))
             .map_err(|e| EngineError::Internal(e.to_string()))?;
-        let uri = self.nbd_addr.as_ref().map(|a| a.uri(&name)).unwrap_or_default();
+        let uri = self
+            .nbd_addr
+            .as_ref()
+            .map(|a| a.uri(&name))
+            .unwrap_or_default();
         lock(&self.running).insert(
             (rec.backup_id.clone(), rec.disk_id),
             RunningDisk {
@@ -517,7 +571,11 @@ impl Engine {
 
     // -------------------------------------------------------------- complete
 
-    pub async fn complete_disk(&self, backup_id: &str, req: CompleteRequest) -> EngineResult<CompleteResponse> {
+    pub async fn complete_disk(
+        &self,
+        backup_id: &str,
+        req: CompleteRequest,
+    ) -> EngineResult<CompleteResponse> {
         let change_id = match req.change_id.as_deref().map(str::trim) {
             Some(c) if !c.is_empty() => c.to_string(),
             _ => {
@@ -527,10 +585,14 @@ impl Engine {
             }
         };
         let disk_id = req.disk_id.ok_or_else(|| {
-            EngineError::BadRequest("disk_id is required: every disk of a backup completes on its own".into())
+            EngineError::BadRequest(
+                "disk_id is required: every disk of a backup completes on its own".into(),
+            )
         })?;
         let span = info_span!("complete", backup = %backup_id, disk = disk_id);
-        self.complete_inner(backup_id, disk_id, change_id, req.bytes_transferred).instrument(span).await
+        self.complete_inner(backup_id, disk_id, change_id, req.bytes_transferred)
+            .instrument(span)
+            .await
     }
 
     async fn complete_inner(
@@ -543,12 +605,18 @@ impl Engine {
         // Phase 1: validate and claim.
         let (export_name, chain) = {
             let _op = self.op.lock().await;
-            let backup = self.catalog.backup(backup_id).map_err(cat)?.ok_or_else(|| EngineError::not_found("backup", backup_id))?;
+            let backup = self
+                .catalog
+                .backup(backup_id)
+                .map_err(cat)?
+                .ok_or_else(|| EngineError::not_found("backup", backup_id))?;
             let disk = self
                 .catalog
                 .disk(backup_id, disk_id)
                 .map_err(cat)?
-                .ok_or_else(|| EngineError::not_found("disk", format!("{disk_id} of backup {backup_id}")))?;
+                .ok_or_else(|| {
+                    EngineError::not_found("disk", format!("{disk_id} of backup {backup_id}"))
+                })?;
             match disk.status {
                 Status::Completed => {
                     let stored = disk.change_id.clone().unwrap_or_default();
@@ -572,16 +640,23 @@ impl Engine {
                     return Err(EngineError::Conflict(format!(
                         "disk {disk_id} of backup {backup_id} is {}{}; start a new backup",
                         disk.status.as_str(),
-                        disk.error.as_deref().map(|e| format!(" ({e})")).unwrap_or_default()
+                        disk.error
+                            .as_deref()
+                            .map(|e| format!(" ({e})"))
+                            .unwrap_or_default()
                     )))
                 }
                 Status::Running => {}
             }
             self.check_open()?;
             let mut running = lock(&self.running);
-            let r = running.get_mut(&(backup_id.to_string(), disk_id)).ok_or_else(|| {
-                EngineError::Internal(format!("disk {disk_id} of backup {backup_id} is running but has no export"))
-            })?;
+            let r = running
+                .get_mut(&(backup_id.to_string(), disk_id))
+                .ok_or_else(|| {
+                    EngineError::Internal(format!(
+                        "disk {disk_id} of backup {backup_id} is running but has no export"
+                    ))
+                })?;
             if r.completing {
                 return Err(EngineError::Conflict(format!(
                     "disk {disk_id} of backup {backup_id} is already being completed"
@@ -612,8 +687,14 @@ impl Engine {
             .catalog
             .disk(backup_id, disk_id)
             .map_err(cat)?
-            .ok_or_else(|| EngineError::not_found("disk", format!("{disk_id} of backup {backup_id}")))?;
-        let mut backup = self.catalog.backup(backup_id).map_err(cat)?.ok_or_else(|| EngineError::not_found("backup", backup_id))?;
+            .ok_or_else(|| {
+                EngineError::not_found("disk", format!("{disk_id} of backup {backup_id}"))
+            })?;
+        let mut backup = self
+            .catalog
+            .backup(backup_id)
+            .map_err(cat)?
+            .ok_or_else(|| EngineError::not_found("backup", backup_id))?;
         let now = now();
         disk.status = Status::Completed;
         disk.change_id = Some(change_id.clone());
@@ -628,7 +709,9 @@ impl Engine {
             head_change_id: change_id.clone(),
         };
         let others = self.catalog.disks_of(backup_id).map_err(cat)?;
-        let all_done = others.iter().all(|d| d.disk_id == disk_id || d.status == Status::Completed);
+        let all_done = others
+            .iter()
+            .all(|d| d.disk_id == disk_id || d.status == Status::Completed);
         let mut changes = vec![Change::PutDisk(disk.clone()), Change::PutHead(head)];
         if all_done && backup.status == Status::Running {
             backup.status = Status::Completed;
@@ -675,13 +758,21 @@ impl Engine {
         }
         tokio::task::spawn_blocking(move || -> Result<u64, String> {
             let path = chain.layers()[0].path().to_path_buf();
-            chain.flush().map_err(|e| format!("flushing {} failed: {e}", path.display()))?;
+            chain
+                .flush()
+                .map_err(|e| format!("flushing {} failed: {e}", path.display()))?;
             drop(chain);
             let f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            f.sync_all().map_err(|e| format!("fsync of {} failed: {e}", path.display()))?;
-            let report = chainvault_qcow::check(&path, &Default::default()).map_err(|e| e.to_string())?;
+            f.sync_all()
+                .map_err(|e| format!("fsync of {} failed: {e}", path.display()))?;
+            let report =
+                chainvault_qcow::check(&path, &Default::default()).map_err(|e| e.to_string())?;
             if report.exit_code() != 0 {
-                let first = report.problems.first().map(|p| p.message.clone()).unwrap_or_default();
+                let first = report
+                    .problems
+                    .first()
+                    .map(|p| p.message.clone())
+                    .unwrap_or_default();
                 return Err(format!(
                     "image {} failed its consistency check ({}): {first}",
                     path.display(),
@@ -698,10 +789,18 @@ impl Engine {
     // ------------------------------------------------------------------ fail
 
     pub async fn fail_backup(&self, backup_id: &str, reason: &str) -> EngineResult<BackupView> {
-        let reason = if reason.trim().is_empty() { "failed by the client" } else { reason };
+        let reason = if reason.trim().is_empty() {
+            "failed by the client"
+        } else {
+            reason
+        };
         {
             let _op = self.op.lock().await;
-            let b = self.catalog.backup(backup_id).map_err(cat)?.ok_or_else(|| EngineError::not_found("backup", backup_id))?;
+            let b = self
+                .catalog
+                .backup(backup_id)
+                .map_err(cat)?
+                .ok_or_else(|| EngineError::not_found("backup", backup_id))?;
             if b.status == Status::Completed {
                 return Err(EngineError::Conflict(format!(
                     "backup {backup_id} is completed: every disk is durable and recorded, so there is nothing to fail                      (DELETE it to remove it)"
@@ -727,7 +826,9 @@ impl Engine {
             }
             let r = {
                 let running = lock(&self.running);
-                running.get(&(backup_id.to_string(), d.disk_id)).map(|r| (r.export_name.clone(), r.completing))
+                running
+                    .get(&(backup_id.to_string(), d.disk_id))
+                    .map(|r| (r.export_name.clone(), r.completing))
             };
             if let Some((_, true)) = r {
                 // Being completed right now: let that finish.
@@ -744,8 +845,18 @@ impl Engine {
 
     /// Record disks as failed/interrupted, remove their images, and mark the
     /// backup (if it still runs). Does nothing when there is nothing to change.
-    fn fail_disks(&self, backup_id: &str, disk_ids: &[u32], reason: &str, status: Status) -> EngineResult<()> {
-        let mut backup = self.catalog.backup(backup_id).map_err(cat)?.ok_or_else(|| EngineError::not_found("backup", backup_id))?;
+    fn fail_disks(
+        &self,
+        backup_id: &str,
+        disk_ids: &[u32],
+        reason: &str,
+        status: Status,
+    ) -> EngineResult<()> {
+        let mut backup = self
+            .catalog
+            .backup(backup_id)
+            .map_err(cat)?
+            .ok_or_else(|| EngineError::not_found("backup", backup_id))?;
         let now = now();
         let mut changes = Vec::new();
         for d in self.catalog.disks_of(backup_id).map_err(cat)? {
@@ -799,7 +910,11 @@ impl Engine {
 
     // ---------------------------------------------------------------- reads
 
-    pub fn previous_change_id(&self, vm_name: &str, disk_id: u32) -> EngineResult<ChangeIdResponse> {
+    pub fn previous_change_id(
+        &self,
+        vm_name: &str,
+        disk_id: u32,
+    ) -> EngineResult<ChangeIdResponse> {
         validate_vm_name(vm_name)?;
         let head = self.catalog.head(vm_name, disk_id).map_err(cat)?;
         Ok(match head {
@@ -820,7 +935,11 @@ impl Engine {
         })
     }
 
-    pub fn list_backups(&self, vm_name: Option<&str>, status: Option<Status>) -> EngineResult<Vec<BackupView>> {
+    pub fn list_backups(
+        &self,
+        vm_name: Option<&str>,
+        status: Option<Status>,
+    ) -> EngineResult<Vec<BackupView>> {
         let mut out = Vec::new();
         for b in self.catalog.backups().map_err(cat)? {
             if vm_name.is_some_and(|v| v != b.vm_name) || status.is_some_and(|s| s != b.status) {
@@ -833,16 +952,27 @@ impl Engine {
     }
 
     pub fn get_backup(&self, backup_id: &str) -> EngineResult<BackupView> {
-        let b = self.catalog.backup(backup_id).map_err(cat)?.ok_or_else(|| EngineError::not_found("backup", backup_id))?;
+        let b = self
+            .catalog
+            .backup(backup_id)
+            .map_err(cat)?
+            .ok_or_else(|| EngineError::not_found("backup", backup_id))?;
         let disks = self.catalog.disks_of(backup_id).map_err(cat)?;
         Ok(BackupView { backup: b, disks })
     }
 
     pub fn chain(&self, vm_name: &str, disk_id: u32) -> EngineResult<ChainView> {
         validate_vm_name(vm_name)?;
-        let vm = self.catalog.vm(vm_name).map_err(cat)?.ok_or_else(|| EngineError::not_found("VM", vm_name))?;
+        let vm = self
+            .catalog
+            .vm(vm_name)
+            .map_err(cat)?
+            .ok_or_else(|| EngineError::not_found("VM", vm_name))?;
         if !vm.disks.iter().any(|d| d.disk_id == disk_id) {
-            return Err(EngineError::not_found("disk", format!("{disk_id} of VM {vm_name}")));
+            return Err(EngineError::not_found(
+                "disk",
+                format!("{disk_id} of VM {vm_name}"),
+            ));
         }
         Ok(ChainView {
             vm_name: vm_name.to_string(),
@@ -857,7 +987,11 @@ impl Engine {
     pub async fn delete_backup(&self, backup_id: &str) -> EngineResult<()> {
         self.check_open()?;
         let _op = self.op.lock().await;
-        let b = self.catalog.backup(backup_id).map_err(cat)?.ok_or_else(|| EngineError::not_found("backup", backup_id))?;
+        let b = self
+            .catalog
+            .backup(backup_id)
+            .map_err(cat)?
+            .ok_or_else(|| EngineError::not_found("backup", backup_id))?;
         if b.status == Status::Running {
             return Err(EngineError::Conflict(format!(
                 "backup {backup_id} is running; fail it first (POST /api/v1/backups/{backup_id}/fail)"
@@ -876,7 +1010,10 @@ impl Engine {
                     )));
                 }
             }
-            if lock(&self.restores).values().any(|r| r.view.backup_id == backup_id) {
+            if lock(&self.restores)
+                .values()
+                .any(|r| r.view.backup_id == backup_id)
+            {
                 return Err(EngineError::Conflict(format!(
                     "backup {backup_id} has an open restore export; close it first"
                 )));
@@ -897,7 +1034,8 @@ impl Engine {
                         .catalog
                         .points_of(&d.vm_name, d.disk_id)
                         .map_err(cat)?
-                        .into_iter().rfind(|p| p.backup_id != backup_id && p.status == Status::Completed);
+                        .into_iter()
+                        .rfind(|p| p.backup_id != backup_id && p.status == Status::Completed);
                     changes.push(match newest {
                         Some(p) => Change::PutHead(ChainHead {
                             vm_name: d.vm_name.clone(),
@@ -932,7 +1070,12 @@ impl Engine {
             .catalog
             .disk(&req.backup_id, req.disk_id)
             .map_err(cat)?
-            .ok_or_else(|| EngineError::not_found("disk", format!("{} of backup {}", req.disk_id, req.backup_id)))?;
+            .ok_or_else(|| {
+                EngineError::not_found(
+                    "disk",
+                    format!("{} of backup {}", req.disk_id, req.backup_id),
+                )
+            })?;
         if d.status != Status::Completed {
             return Err(EngineError::Conflict(format!(
                 "disk {} of backup {} is {}, not a restore point",
@@ -950,7 +1093,13 @@ impl Engine {
         let size = chain.size();
         let restore_id = format!("r-{}", repo::random_hex(8));
         let name = format!("restore-{}", repo::random_hex(16));
-        let export = QcowExport::new(chain, format!("{} disk {} at {} (read-only)", d.vm_name, d.disk_id, d.backup_id));
+        let export = QcowExport::new(
+            chain,
+            format!(
+                "{} disk {} at {} (read-only)",
+                d.vm_name, d.disk_id, d.backup_id
+            ),
+        );
         self.server()?
             .add_export(name.clone(), Arc::new(export))
             .map_err(|e| EngineError::Internal(e.to_string()))?;
@@ -959,7 +1108,11 @@ impl Engine {
             backup_id: req.backup_id.clone(),
             disk_id: req.disk_id,
             export_name: name.clone(),
-            nbd_uri: self.nbd_addr.as_ref().map(|a| a.uri(&name)).unwrap_or_default(),
+            nbd_uri: self
+                .nbd_addr
+                .as_ref()
+                .map(|a| a.uri(&name))
+                .unwrap_or_default(),
             size,
             created_at: now(),
         };
@@ -978,7 +1131,10 @@ impl Engine {
     }
 
     pub fn restores(&self) -> Vec<RestoreView> {
-        lock(&self.restores).values().map(|r| r.view.clone()).collect()
+        lock(&self.restores)
+            .values()
+            .map(|r| r.view.clone())
+            .collect()
     }
 
     // --------------------------------------------------------------- metrics
@@ -993,12 +1149,20 @@ impl Engine {
                 *counts.entry(b.status.as_str()).or_default() += 1;
             }
         }
-        let mut backups_by_status: Vec<(String, u64)> = counts.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let mut backups_by_status: Vec<(String, u64)> = counts
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         backups_by_status.sort();
         // One guard at a time: each count is read into a local first.
         let (live, running) = {
             let r = lock(&self.running);
-            (r.values().map(|x| x.activity.bytes_written.load(Ordering::Relaxed)).sum::<u64>(), r.len() as u64)
+            (
+                r.values()
+                    .map(|x| x.activity.bytes_written.load(Ordering::Relaxed))
+                    .sum::<u64>(),
+                r.len() as u64,
+            )
         };
         let restores = lock(&self.restores).len() as u64;
         Metrics {
@@ -1016,23 +1180,34 @@ impl Engine {
     pub fn verify(&self, vm_name: Option<&str>) -> EngineResult<VerifyReport> {
         let mut rep = VerifyReport::default();
         let all = self.catalog.all_disks().map_err(cat)?;
-        for d in all.iter().filter(|d| vm_name.is_none_or(|v| v == d.vm_name)) {
+        for d in all
+            .iter()
+            .filter(|d| vm_name.is_none_or(|v| v == d.vm_name))
+        {
             let abs = self.abs(&d.image);
             let what = format!("{} disk {} backup {}", d.vm_name, d.disk_id, d.backup_id);
             if d.status != Status::Completed {
                 if abs.exists() && d.status != Status::Running {
-                    rep.problems.push(format!("{what}: {} but its image {} still exists", d.status.as_str(), abs.display()));
+                    rep.problems.push(format!(
+                        "{what}: {} but its image {} still exists",
+                        d.status.as_str(),
+                        abs.display()
+                    ));
                 }
                 continue;
             }
             rep.points_checked += 1;
             if !abs.exists() {
-                rep.problems.push(format!("{what}: image {} is missing", abs.display()));
+                rep.problems
+                    .push(format!("{what}: image {} is missing", abs.display()));
                 continue;
             }
             match chainvault_qcow::check(&abs, &Default::default()) {
                 Ok(r) if r.exit_code() == 0 => {}
-                Ok(r) => rep.problems.push(format!("{what}: {}", r.summary().lines().next().unwrap_or("check failed"))),
+                Ok(r) => rep.problems.push(format!(
+                    "{what}: {}",
+                    r.summary().lines().next().unwrap_or("check failed")
+                )),
                 Err(e) => rep.problems.push(format!("{what}: {e}")),
             }
             match chainvault_qcow::chain::read_header(&abs) {
@@ -1048,19 +1223,28 @@ impl Engine {
                 Err(e) => rep.problems.push(format!("{what}: {e}")),
             }
             if let Err(e) = Chain::open(&abs, &self.chain_options(false)) {
-                rep.problems.push(format!("{what}: chain does not open: {e}"));
+                rep.problems
+                    .push(format!("{what}: chain does not open: {e}"));
             }
             if let Some(p) = &d.parent_backup_id {
                 match self.catalog.disk(p, d.disk_id).map_err(cat)? {
                     Some(pd) if pd.status == Status::Completed => {}
-                    Some(pd) => rep.problems.push(format!("{what}: parent {p} is {}", pd.status.as_str())),
-                    None => rep.problems.push(format!("{what}: parent {p} is not in the catalog")),
+                    Some(pd) => rep
+                        .problems
+                        .push(format!("{what}: parent {p} is {}", pd.status.as_str())),
+                    None => rep
+                        .problems
+                        .push(format!("{what}: parent {p} is not in the catalog")),
                 }
             }
             match repo::read_sidecar(&repo::sidecar_of(&abs)) {
                 Ok(s) => {
                     let sd = &s.disk;
-                    if sd.status != d.status || sd.change_id != d.change_id || sd.parent_backup_id != d.parent_backup_id || sd.chain_id != d.chain_id {
+                    if sd.status != d.status
+                        || sd.change_id != d.change_id
+                        || sd.parent_backup_id != d.parent_backup_id
+                        || sd.chain_id != d.chain_id
+                    {
                         rep.problems.push(format!(
                             "{what}: sidecar disagrees with the catalog (sidecar: {} {:?}, catalog: {} {:?})",
                             sd.status.as_str(),
@@ -1077,8 +1261,14 @@ impl Engine {
             if vm_name.is_some_and(|v| v != h.vm_name) {
                 continue;
             }
-            match self.catalog.disk(&h.head_backup_id, h.disk_id).map_err(cat)? {
-                Some(d) if d.status == Status::Completed && d.change_id.as_deref() == Some(h.head_change_id.as_str()) => {}
+            match self
+                .catalog
+                .disk(&h.head_backup_id, h.disk_id)
+                .map_err(cat)?
+            {
+                Some(d)
+                    if d.status == Status::Completed
+                        && d.change_id.as_deref() == Some(h.head_change_id.as_str()) => {}
                 _ => rep.problems.push(format!(
                     "{} disk {}: chain head {} is not a completed point with change_id {:?}",
                     h.vm_name, h.disk_id, h.head_backup_id, h.head_change_id
@@ -1086,12 +1276,16 @@ impl Engine {
             }
         }
         // Files the catalog does not know.
-        let known: std::collections::HashSet<PathBuf> = all.iter().map(|d| self.abs(&d.image)).collect();
+        let known: std::collections::HashSet<PathBuf> =
+            all.iter().map(|d| self.abs(&d.image)).collect();
         for img in repo::all_images(&self.data) {
             if !known.contains(&img) {
-                let in_scope = vm_name.is_none_or(|v| img.starts_with(self.data.join("vms").join(repo::encode_vm(v))));
+                let in_scope = vm_name.is_none_or(|v| {
+                    img.starts_with(self.data.join("vms").join(repo::encode_vm(v)))
+                });
                 if in_scope {
-                    rep.problems.push(format!("{}: image not in the catalog", img.display()));
+                    rep.problems
+                        .push(format!("{}: image not in the catalog", img.display()));
                 }
             }
         }
@@ -1116,7 +1310,12 @@ impl Engine {
                 .map(|d| d.disk_id)
                 .collect();
             warn!(backup = %b.backup_id, vm = %b.vm_name, "backup was running when the daemon stopped: marking it interrupted");
-            self.fail_disks(&b.backup_id, &running, "interrupted: the daemon stopped while it ran", Status::Interrupted)?;
+            self.fail_disks(
+                &b.backup_id,
+                &running,
+                "interrupted: the daemon stopped while it ran",
+                Status::Interrupted,
+            )?;
         }
         // Sidecars of completed points follow the catalog (a crash may fall
         // between the catalog transaction and the sidecar update).
@@ -1137,8 +1336,13 @@ impl Engine {
             }
         }
         // Images whose start never reached the catalog.
-        let known: std::collections::HashSet<PathBuf> =
-            self.catalog.all_disks().map_err(cat)?.iter().map(|d| self.abs(&d.image)).collect();
+        let known: std::collections::HashSet<PathBuf> = self
+            .catalog
+            .all_disks()
+            .map_err(cat)?
+            .iter()
+            .map(|d| self.abs(&d.image))
+            .collect();
         for img in repo::all_images(&self.data) {
             if known.contains(&img) {
                 continue;
@@ -1155,15 +1359,24 @@ impl Engine {
     /// Rebuild the catalog from the sidecars in the repository directory alone
     /// (the daemon must not be running). Returns what was found.
     pub fn rebuild_catalog(data_dir: &Path) -> EngineResult<RebuildReport> {
-        let data = data_dir
-            .canonicalize()
-            .map_err(|e| EngineError::BadRequest(format!("data directory {}: {e}", data_dir.display())))?;
+        let data = data_dir.canonicalize().map_err(|e| {
+            EngineError::BadRequest(format!("data directory {}: {e}", data_dir.display()))
+        })?;
         let mut rep = RebuildReport::default();
         let mut points: Vec<repo::Sidecar> = Vec::new();
         for sc in repo::all_sidecars(&data) {
             match repo::read_sidecar(&sc) {
-                Ok(s) if s.disk.status == Status::Completed && sc.with_extension("qcow2").exists() => points.push(s),
-                Ok(s) => rep.skipped.push(format!("{}: status {}", sc.display(), s.disk.status.as_str())),
+                Ok(s)
+                    if s.disk.status == Status::Completed
+                        && sc.with_extension("qcow2").exists() =>
+                {
+                    points.push(s)
+                }
+                Ok(s) => rep.skipped.push(format!(
+                    "{}: status {}",
+                    sc.display(),
+                    s.disk.status.as_str()
+                )),
                 Err(e) => rep.skipped.push(e),
             }
         }
@@ -1173,18 +1386,23 @@ impl Engine {
             drop(Catalog::open(&cat_dir).map_err(|e| EngineError::Conflict(e.to_string()))?);
             let aside = data.join(format!("catalog.replaced-{}", repo::new_backup_id()));
             std::fs::rename(&cat_dir, &aside).map_err(EngineError::internal)?;
-            rep.skipped.push(format!("the previous catalog was moved to {}", aside.display()));
+            rep.skipped.push(format!(
+                "the previous catalog was moved to {}",
+                aside.display()
+            ));
         }
         let catalog = Catalog::open(&cat_dir).map_err(cat)?;
         let mut vms: HashMap<String, VmRecord> = HashMap::new();
         let mut backups: HashMap<String, BackupRecord> = HashMap::new();
         let mut changes = Vec::new();
         for p in &points {
-            let vm = vms.entry(p.disk.vm_name.clone()).or_insert_with(|| VmRecord {
-                name: p.disk.vm_name.clone(),
-                disks: Vec::new(),
-                created_at: p.backup.created_at.clone(),
-            });
+            let vm = vms
+                .entry(p.disk.vm_name.clone())
+                .or_insert_with(|| VmRecord {
+                    name: p.disk.vm_name.clone(),
+                    disks: Vec::new(),
+                    created_at: p.backup.created_at.clone(),
+                });
             if let Some(d) = vm.disks.iter_mut().find(|d| d.disk_id == p.disk.disk_id) {
                 // The newest point's capacity wins (points are in id order).
                 d.capacity_bytes = p.disk.capacity_bytes;
@@ -1195,13 +1413,22 @@ impl Engine {
                     capacity_bytes: p.disk.capacity_bytes,
                 });
             }
-            backups.entry(p.backup.backup_id.clone()).or_insert_with(|| p.backup.clone());
+            backups
+                .entry(p.backup.backup_id.clone())
+                .or_insert_with(|| p.backup.clone());
             changes.push(Change::PutDisk(p.disk.clone()));
             rep.disk_backups += 1;
         }
         for b in backups.values_mut() {
-            let done = points.iter().filter(|p| p.disk.backup_id == b.backup_id).count();
-            b.status = if done == b.disk_ids.len() { Status::Completed } else { Status::Failed };
+            let done = points
+                .iter()
+                .filter(|p| p.disk.backup_id == b.backup_id)
+                .count();
+            b.status = if done == b.disk_ids.len() {
+                Status::Completed
+            } else {
+                Status::Failed
+            };
             if b.status == Status::Failed && b.error.is_none() {
                 b.error = Some("rebuilt from sidecars: some disks have no completed point".into());
             }
@@ -1211,7 +1438,9 @@ impl Engine {
         let mut heads: HashMap<(String, u32), &repo::Sidecar> = HashMap::new();
         for p in &points {
             let k = (p.disk.vm_name.clone(), p.disk.disk_id);
-            let newer = heads.get(&k).is_none_or(|h| h.disk.backup_id < p.disk.backup_id);
+            let newer = heads
+                .get(&k)
+                .is_none_or(|h| h.disk.backup_id < p.disk.backup_id);
             if newer {
                 heads.insert(k, p);
             }
@@ -1245,10 +1474,22 @@ impl Engine {
         let running: Vec<String> = self
             .catalog
             .backups()
-            .map(|v| v.into_iter().filter(|b| b.status == Status::Running).map(|b| b.backup_id).collect())
+            .map(|v| {
+                v.into_iter()
+                    .filter(|b| b.status == Status::Running)
+                    .map(|b| b.backup_id)
+                    .collect()
+            })
             .unwrap_or_default();
         for b in running {
-            if let Err(e) = self.fail_locked(&b, "interrupted: the daemon was stopped", Status::Interrupted).await {
+            if let Err(e) = self
+                .fail_locked(
+                    &b,
+                    "interrupted: the daemon was stopped",
+                    Status::Interrupted,
+                )
+                .await
+            {
                 warn!(backup = %b, error = %e, "could not mark the backup interrupted");
             }
         }

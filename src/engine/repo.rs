@@ -34,7 +34,9 @@ pub fn encode_vm(name: &str) -> String {
 
 /// Directory of one disk's images, relative to the data dir.
 pub fn disk_dir(vm: &str, disk_id: u32) -> PathBuf {
-    PathBuf::from("vms").join(encode_vm(vm)).join(format!("disk{disk_id}"))
+    PathBuf::from("vms")
+        .join(encode_vm(vm))
+        .join(format!("disk{disk_id}"))
 }
 
 /// Image path of a point, relative to the data dir.
@@ -73,7 +75,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp",
-        path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     ));
     {
         let mut f = std::fs::File::create(&tmp)?;
@@ -95,7 +99,8 @@ pub fn write_sidecar(image_abs: &Path, s: &Sidecar) -> std::io::Result<()> {
 
 pub fn read_sidecar(path: &Path) -> Result<Sidecar, String> {
     let b = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    serde_json::from_slice(&b).map_err(|e| format!("{}: not a chainvault sidecar: {e}", path.display()))
+    serde_json::from_slice(&b)
+        .map_err(|e| format!("{}: not a chainvault sidecar: {e}", path.display()))
 }
 
 /// Remove an image and its sidecar (missing files are fine).
@@ -115,11 +120,17 @@ pub fn remove_point(image_abs: &Path) {
 /// Every file in a disk directory, `<data>/vms/<vm>/disk<N>/*`, sorted.
 fn point_files(data: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let Ok(vms) = std::fs::read_dir(data.join("vms")) else { return out };
+    let Ok(vms) = std::fs::read_dir(data.join("vms")) else {
+        return out;
+    };
     for vm in vms.flatten() {
-        let Ok(disks) = std::fs::read_dir(vm.path()) else { continue };
+        let Ok(disks) = std::fs::read_dir(vm.path()) else {
+            continue;
+        };
         for disk in disks.flatten() {
-            let Ok(files) = std::fs::read_dir(disk.path()) else { continue };
+            let Ok(files) = std::fs::read_dir(disk.path()) else {
+                continue;
+            };
             out.extend(files.flatten().map(|f| f.path()));
         }
     }
@@ -129,17 +140,25 @@ fn point_files(data: &Path) -> Vec<PathBuf> {
 
 fn has_ext(p: &Path, ext: &str) -> bool {
     p.extension().is_some_and(|e| e == ext)
-        && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        && !p
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('.'))
 }
 
 /// Every sidecar under `<data>/vms`.
 pub fn all_sidecars(data: &Path) -> Vec<PathBuf> {
-    point_files(data).into_iter().filter(|p| has_ext(p, "json")).collect()
+    point_files(data)
+        .into_iter()
+        .filter(|p| has_ext(p, "json"))
+        .collect()
 }
 
 /// Every image under `<data>/vms`.
 pub fn all_images(data: &Path) -> Vec<PathBuf> {
-    point_files(data).into_iter().filter(|p| has_ext(p, "qcow2")).collect()
+    point_files(data)
+        .into_iter()
+        .filter(|p| has_ext(p, "qcow2"))
+        .collect()
 }
 
 /// A new backup id: UTC time to the millisecond, then randomness. Ids sort in

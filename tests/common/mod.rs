@@ -79,7 +79,8 @@ pub fn tools() {
 /// Run a command; returns its output whatever the exit status.
 pub fn run(mut c: Command) -> Output {
     c.stdin(Stdio::null());
-    c.output().unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"))
+    c.output()
+        .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"))
 }
 
 /// Run a command and require exit status 0.
@@ -178,7 +179,9 @@ impl Daemon {
             c.env(k, v);
         }
         let desc = format!("{c:?}");
-        let mut child = c.spawn().unwrap_or_else(|e| panic!("cannot spawn {desc}: {e}"));
+        let mut child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {desc}: {e}"));
 
         // Read the ready line in a thread, then keep draining stdout.
         let stdout = child.stdout.take().unwrap();
@@ -207,7 +210,10 @@ impl Daemon {
             if t0.elapsed() > Duration::from_secs(30) {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("{desc}: no ready line within 30 s\n--- stderr ---\n{}", tail(&log, 60));
+                panic!(
+                    "{desc}: no ready line within 30 s\n--- stderr ---\n{}",
+                    tail(&log, 60)
+                );
             }
         };
         let mut api = None;
@@ -230,8 +236,18 @@ impl Daemon {
                 );
             }
         };
-        let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(120)).build();
-        Daemon { data: data.to_path_buf(), sock, api, nbd, log, child: Some(child), agent }
+        let agent = ureq::AgentBuilder::new()
+            .timeout(Duration::from_secs(120))
+            .build();
+        Daemon {
+            data: data.to_path_buf(),
+            sock,
+            api,
+            nbd,
+            log,
+            child: Some(child),
+            agent,
+        }
     }
 
     pub fn pid(&self) -> i32 {
@@ -253,7 +269,10 @@ impl Daemon {
             None => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("daemon did not exit within 30 s of SIGTERM\n--- stderr ---\n{}", self.log_tail());
+                panic!(
+                    "daemon did not exit within 30 s of SIGTERM\n--- stderr ---\n{}",
+                    self.log_tail()
+                );
             }
         }
     }
@@ -304,7 +323,9 @@ impl Daemon {
             Err(e) => return Err(e.to_string()),
         };
         let status = resp.status();
-        let body = resp.into_string().map_err(|e| format!("status {status}, body unreadable: {e}"))?;
+        let body = resp
+            .into_string()
+            .map_err(|e| format!("status {status}, body unreadable: {e}"))?;
         let v = if body.trim().is_empty() {
             Value::Null
         } else {
@@ -314,7 +335,12 @@ impl Daemon {
     }
 
     fn must(&self, what: String, r: Result<Reply, String>) -> Reply {
-        r.unwrap_or_else(|e| panic!("{what}: no HTTP answer: {e}\n--- daemon stderr ---\n{}", self.log_tail()))
+        r.unwrap_or_else(|e| {
+            panic!(
+                "{what}: no HTTP answer: {e}\n--- daemon stderr ---\n{}",
+                self.log_tail()
+            )
+        })
     }
 
     pub fn try_get(&self, path: &str) -> Result<Reply, String> {
@@ -374,8 +400,16 @@ impl Daemon {
     /// `POST /api/v1/backups`, requiring 200.
     pub fn start_backup(&self, body: &Value) -> Value {
         let r = self.post_ok("/api/v1/backups", body);
-        assert!(r["backup_id"].is_string(), "start response has no backup_id: {}", pretty(&r));
-        assert!(r["disks"].is_array(), "start response has no disks[]: {}", pretty(&r));
+        assert!(
+            r["backup_id"].is_string(),
+            "start response has no backup_id: {}",
+            pretty(&r)
+        );
+        assert!(
+            r["disks"].is_array(),
+            "start response has no disks[]: {}",
+            pretty(&r)
+        );
         r
     }
 
@@ -383,46 +417,91 @@ impl Daemon {
     pub fn complete(&self, backup_id: &str, disk_id: u32, change_id: &str, bytes: u64) -> Value {
         let body = json!({"change_id": change_id, "disk_id": disk_id, "bytes_transferred": bytes});
         let r = self.post_ok(&format!("/api/v1/backups/{backup_id}/complete"), &body);
-        assert_eq!(r["status"], "completed", "complete {backup_id}/{disk_id}: {}", pretty(&r));
-        assert_eq!(r["backup_id"], backup_id, "complete {backup_id}/{disk_id}: {}", pretty(&r));
-        assert_eq!(r["disk_id"], disk_id, "complete {backup_id}/{disk_id}: {}", pretty(&r));
-        assert_eq!(r["change_id"], change_id, "complete {backup_id}/{disk_id}: {}", pretty(&r));
+        assert_eq!(
+            r["status"],
+            "completed",
+            "complete {backup_id}/{disk_id}: {}",
+            pretty(&r)
+        );
+        assert_eq!(
+            r["backup_id"],
+            backup_id,
+            "complete {backup_id}/{disk_id}: {}",
+            pretty(&r)
+        );
+        assert_eq!(
+            r["disk_id"],
+            disk_id,
+            "complete {backup_id}/{disk_id}: {}",
+            pretty(&r)
+        );
+        assert_eq!(
+            r["change_id"],
+            change_id,
+            "complete {backup_id}/{disk_id}: {}",
+            pretty(&r)
+        );
         r
     }
 
     /// `GET /api/v1/backups/changeid?vm_name=&disk_id=`, requiring 200.
     pub fn changeid(&self, vm: &str, disk_id: u32) -> Value {
-        let r = self.get_ok(&format!("/api/v1/backups/changeid?vm_name={}&disk_id={disk_id}", q(vm)));
+        let r = self.get_ok(&format!(
+            "/api/v1/backups/changeid?vm_name={}&disk_id={disk_id}",
+            q(vm)
+        ));
         assert_eq!(r["vm_name"], vm, "changeid answer: {}", pretty(&r));
         assert_eq!(r["disk_id"], disk_id, "changeid answer: {}", pretty(&r));
-        assert!(r["change_id"].is_string(), "changeid answer without change_id string: {}", pretty(&r));
+        assert!(
+            r["change_id"].is_string(),
+            "changeid answer without change_id string: {}",
+            pretty(&r)
+        );
         r
     }
 
     /// Just the change_id string.
     pub fn change_id(&self, vm: &str, disk_id: u32) -> String {
-        self.changeid(vm, disk_id)["change_id"].as_str().unwrap().to_string()
+        self.changeid(vm, disk_id)["change_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     /// `GET /api/v1/backups/{id}`, requiring 200.
     pub fn backup(&self, id: &str) -> Value {
         let r = self.get_ok(&format!("/api/v1/backups/{id}"));
         assert_eq!(r["backup_id"], id, "GET backup {id}: {}", pretty(&r));
-        assert!(r["disks"].is_array(), "GET backup {id}: no disks[]: {}", pretty(&r));
+        assert!(
+            r["disks"].is_array(),
+            "GET backup {id}: no disks[]: {}",
+            pretty(&r)
+        );
         r
     }
 
     /// `GET /api/v1/backups/chain?vm_name=&disk_id=`, requiring 200.
     pub fn chain(&self, vm: &str, disk_id: u32) -> Value {
-        let r = self.get_ok(&format!("/api/v1/backups/chain?vm_name={}&disk_id={disk_id}", q(vm)));
-        assert!(r["points"].is_array(), "chain view without points[]: {}", pretty(&r));
+        let r = self.get_ok(&format!(
+            "/api/v1/backups/chain?vm_name={}&disk_id={disk_id}",
+            q(vm)
+        ));
+        assert!(
+            r["points"].is_array(),
+            "chain view without points[]: {}",
+            pretty(&r)
+        );
         r
     }
 
     /// `GET /api/v1/backups` (optionally with a query), requiring 200; the
     /// backups as a list whether the body is an array or `{"backups": [...]}`.
     pub fn list(&self, query: &str) -> Vec<Value> {
-        let path = if query.is_empty() { "/api/v1/backups".to_string() } else { format!("/api/v1/backups?{query}") };
+        let path = if query.is_empty() {
+            "/api/v1/backups".to_string()
+        } else {
+            format!("/api/v1/backups?{query}")
+        };
         let r = self.get_ok(&path);
         as_list(&r).unwrap_or_else(|| panic!("GET {path}: not a list of backups: {}", pretty(&r)))
     }
@@ -431,9 +510,12 @@ impl Daemon {
     pub fn image_of(&self, backup_id: &str, disk_id: u32) -> PathBuf {
         let b = self.backup(backup_id);
         let d = disk_of(&b, disk_id);
-        let rel = d["image"]
-            .as_str()
-            .unwrap_or_else(|| panic!("disk {disk_id} of {backup_id} has no image path: {}", pretty(&b)));
+        let rel = d["image"].as_str().unwrap_or_else(|| {
+            panic!(
+                "disk {disk_id} of {backup_id} has no image path: {}",
+                pretty(&b)
+            )
+        });
         abs_image(&self.data, rel)
     }
 }
@@ -445,7 +527,11 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
         if std::thread::panicking() {
-            eprintln!("--- daemon stderr ({}) ---\n{}", self.log.display(), tail(&self.log, 40));
+            eprintln!(
+                "--- daemon stderr ({}) ---\n{}",
+                self.log.display(),
+                tail(&self.log, 40)
+            );
         }
     }
 }
@@ -490,14 +576,20 @@ pub fn disk_of(v: &Value, disk_id: u32) -> Value {
 }
 
 pub fn s(v: &Value) -> String {
-    v.as_str().unwrap_or_else(|| panic!("expected a string, got {v}")).to_string()
+    v.as_str()
+        .unwrap_or_else(|| panic!("expected a string, got {v}"))
+        .to_string()
 }
 
 /// `image` fields are relative to the data dir (an absolute one is used as is,
 /// but must still lie inside it).
 pub fn abs_image(data: &Path, rel: &str) -> PathBuf {
     let p = Path::new(rel);
-    let p = if p.is_absolute() { p.to_path_buf() } else { data.join(p) };
+    let p = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        data.join(p)
+    };
     assert!(
         p.starts_with(data) && !rel.split('/').any(|c| c == ".."),
         "image path {rel:?} is not inside the data dir {}",
@@ -509,7 +601,13 @@ pub fn abs_image(data: &Path, rel: &str) -> PathBuf {
 /// Assert an error answer: status `want` and a JSON body with a non-empty
 /// `error` string.
 pub fn assert_error(what: &str, r: &Reply, want: u16) {
-    assert_eq!(r.0, want, "{what}: got HTTP {} want {want}; body: {}", r.0, pretty(&r.1));
+    assert_eq!(
+        r.0,
+        want,
+        "{what}: got HTTP {} want {want}; body: {}",
+        r.0,
+        pretty(&r.1)
+    );
     assert_error_body(what, r);
 }
 
@@ -531,7 +629,8 @@ pub fn disk_spec(disk_id: u32, capacity: u64) -> Value {
 }
 
 pub fn start_body(vm: &str, backup_type: &str, disks: Option<Value>) -> Value {
-    let mut b = json!({"vm_name": vm, "backup_type": backup_type, "repository_id": "r1", "tags": ["e2e"]});
+    let mut b =
+        json!({"vm_name": vm, "backup_type": backup_type, "repository_id": "r1", "tags": ["e2e"]});
     if let Some(d) = disks {
         b["disks"] = d;
     }
@@ -598,7 +697,8 @@ pub fn make_disk(path: &Path, size: u64, seed: u64) -> Vec<(u64, u64)> {
         zeros.push((off, len));
     }
     // The last 512 KiB is zero too (a typical unused tail).
-    f.write_all_at(&vec![0u8; 512 * KIB as usize], size - 512 * KIB).unwrap();
+    f.write_all_at(&vec![0u8; 512 * KIB as usize], size - 512 * KIB)
+        .unwrap();
     zeros.push((size - 512 * KIB, 512 * KIB));
     f.sync_all().unwrap();
     zeros
@@ -638,7 +738,11 @@ pub enum Fill {
 /// at random, and zero two ranges of 256 KiB. Returns the changed extents.
 pub fn modify_disk(path: &Path, seed: u64, permille: u64, fill: Fill) -> Changes {
     const BLOCK: u64 = 64 * KIB;
-    let f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
     let size = f.metadata().unwrap().len();
     let nblocks = size / BLOCK;
     let mut r = Rng::new(seed);
@@ -677,7 +781,11 @@ pub fn modify_disk(path: &Path, seed: u64, permille: u64, fill: Fill) -> Changes
             }
         };
         f.write_all_at(&buf, b * BLOCK).unwrap();
-        ch.writes.push(Extent { off: b * BLOCK, len: BLOCK, pattern });
+        ch.writes.push(Extent {
+            off: b * BLOCK,
+            len: BLOCK,
+            pattern,
+        });
     }
     for &(off, len) in &ch.zeros {
         f.write_all_at(&vec![0u8; len as usize], off).unwrap();
@@ -688,7 +796,8 @@ pub fn modify_disk(path: &Path, seed: u64, permille: u64, fill: Fill) -> Changes
 
 /// Keep a copy of the source as it is at this point.
 pub fn snapshot_source(src: &Path, dst: &Path) {
-    std::fs::copy(src, dst).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), dst.display()));
+    std::fs::copy(src, dst)
+        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), dst.display()));
 }
 
 // ---------------------------------------------------------------------------
@@ -706,8 +815,11 @@ pub fn qemu_io_changes(uri: &str, ch: &Changes) {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw"]);
     for e in &ch.writes {
-        let p = e.pattern.expect("qemu_io_changes needs Fill::Pattern changes");
-        c.arg("-c").arg(format!("write -P 0x{p:02x} {} {}", e.off, e.len));
+        let p = e
+            .pattern
+            .expect("qemu_io_changes needs Fill::Pattern changes");
+        c.arg("-c")
+            .arg(format!("write -P 0x{p:02x} {} {}", e.off, e.len));
     }
     for (off, len) in &ch.zeros {
         c.arg("-c").arg(format!("write -z {off} {len}"));
@@ -746,9 +858,17 @@ h.flush()
 h.shutdown()
 "#;
     let mut c = Command::new(PYTHON);
-    c.args(["-c", script]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = c.spawn().unwrap();
-    child.stdin.take().unwrap().write_all(spec.to_string().as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(spec.to_string().as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -763,7 +883,10 @@ h.shutdown()
 pub fn nbd_size(uri: &str) -> Result<u64, String> {
     let out = run(cmd("nbdinfo", &["--size", uri]));
     if out.status.success() {
-        text(&out.stdout).trim().parse().map_err(|e| format!("nbdinfo --size printed {:?}: {e}", text(&out.stdout)))
+        text(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|e| format!("nbdinfo --size printed {:?}: {e}", text(&out.stdout)))
     } else {
         Err(text(&out.stderr))
     }
@@ -781,7 +904,18 @@ pub fn assert_export_gone(what: &str, uri: &str) {
 
 /// `qemu-img compare -f qcow2 -F raw IMAGE SRC` must say identical.
 pub fn compare(what: &str, image: &Path, src: &Path) {
-    let out = run(cmd("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", image.to_str().unwrap(), src.to_str().unwrap()]));
+    let out = run(cmd(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            image.to_str().unwrap(),
+            src.to_str().unwrap(),
+        ],
+    ));
     assert!(
         out.status.success(),
         "{what}: qemu-img compare {} {} exited {:?}:\n{}{}",
@@ -795,7 +929,10 @@ pub fn compare(what: &str, image: &Path, src: &Path) {
 
 /// `qemu-img check -f qcow2 IMAGE` must be clean (exit 0).
 pub fn check(what: &str, image: &Path) {
-    let out = run(cmd("qemu-img", &["check", "-f", "qcow2", image.to_str().unwrap()]));
+    let out = run(cmd(
+        "qemu-img",
+        &["check", "-f", "qcow2", image.to_str().unwrap()],
+    ));
     assert!(
         out.status.success(),
         "{what}: qemu-img check {} exited {:?}:\n{}{}",
@@ -809,11 +946,28 @@ pub fn check(what: &str, image: &Path) {
 /// `qemu-img info --backing-chain --output=json IMAGE`: the files of the chain,
 /// top first, canonicalised; every layer must be qcow2.
 pub fn backing_chain(image: &Path) -> Vec<PathBuf> {
-    let out = run_ok(cmd("qemu-img", &["info", "--backing-chain", "--output=json", image.to_str().unwrap()]));
+    let out = run_ok(cmd(
+        "qemu-img",
+        &[
+            "info",
+            "--backing-chain",
+            "--output=json",
+            image.to_str().unwrap(),
+        ],
+    ));
     let v: Value = serde_json::from_slice(&out.stdout).expect("qemu-img info json");
     let mut files = Vec::new();
-    for layer in v.as_array().expect("qemu-img info --backing-chain gives an array") {
-        assert_eq!(layer["format"], "qcow2", "layer of {} is not qcow2: {}", image.display(), pretty(layer));
+    for layer in v
+        .as_array()
+        .expect("qemu-img info --backing-chain gives an array")
+    {
+        assert_eq!(
+            layer["format"],
+            "qcow2",
+            "layer of {} is not qcow2: {}",
+            image.display(),
+            pretty(layer)
+        );
         let f = PathBuf::from(s(&layer["filename"]));
         files.push(std::fs::canonicalize(&f).unwrap_or(f));
     }
@@ -823,13 +977,24 @@ pub fn backing_chain(image: &Path) -> Vec<PathBuf> {
 /// Assert the backing chain of `top` is exactly `want` (top first).
 pub fn assert_chain(what: &str, top: &Path, want: &[&Path]) {
     let got = backing_chain(top);
-    let want: Vec<PathBuf> = want.iter().map(|p| std::fs::canonicalize(p).unwrap_or(p.to_path_buf())).collect();
-    assert_eq!(got, want, "{what}: qemu-img info --backing-chain of {} (top first)", top.display());
+    let want: Vec<PathBuf> = want
+        .iter()
+        .map(|p| std::fs::canonicalize(p).unwrap_or(p.to_path_buf()))
+        .collect();
+    assert_eq!(
+        got,
+        want,
+        "{what}: qemu-img info --backing-chain of {} (top first)",
+        top.display()
+    );
 }
 
 /// Bytes the file occupies on disk (st_blocks * 512).
 pub fn allocated(p: &Path) -> u64 {
-    std::fs::metadata(p).unwrap_or_else(|e| panic!("stat {}: {e}", p.display())).blocks() * 512
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", p.display()))
+        .blocks()
+        * 512
 }
 
 /// The JSON sidecar of an image: `<image>.json`, `<stem>.json`, or another
@@ -907,7 +1072,13 @@ pub fn cli(args: &[&str]) -> Output {
 
 /// `chainvault chain verify --data DIR --json`: exit 0 and no problems.
 pub fn verify_offline(data: &Path) {
-    let out = cli(&["chain", "verify", "--data", data.to_str().unwrap(), "--json"]);
+    let out = cli(&[
+        "chain",
+        "verify",
+        "--data",
+        data.to_str().unwrap(),
+        "--json",
+    ]);
     let so = text(&out.stdout);
     assert!(
         out.status.success(),
@@ -919,7 +1090,11 @@ pub fn verify_offline(data: &Path) {
     let v: Value = serde_json::from_str(so.trim())
         .unwrap_or_else(|e| panic!("chain verify --json printed non-JSON ({e}): {so}"));
     let problems = v["problems"].as_array().cloned().unwrap_or_default();
-    assert!(problems.is_empty(), "chain verify reported problems: {}", pretty(&v));
+    assert!(
+        problems.is_empty(),
+        "chain verify reported problems: {}",
+        pretty(&v)
+    );
     assert!(
         v["points_checked"].as_u64().unwrap_or(0) > 0,
         "chain verify checked no points: {}",
@@ -942,18 +1117,29 @@ pub fn verify_server(d: &Daemon) {
     let v: Value = serde_json::from_str(so.trim())
         .unwrap_or_else(|e| panic!("chain verify --server --json printed non-JSON ({e}): {so}"));
     let problems = v["problems"].as_array().cloned().unwrap_or_default();
-    assert!(problems.is_empty(), "chain verify --server reported problems: {}", pretty(&v));
+    assert!(
+        problems.is_empty(),
+        "chain verify --server reported problems: {}",
+        pretty(&v)
+    );
 }
 
 /// The sidecar of a completed image names its backup, change_id and chain and
 /// says completed.
 pub fn assert_sidecar(what: &str, image: &Path, facts: &[&str]) {
-    let sc = find_sidecar(image).unwrap_or_else(|| panic!("{what}: no JSON sidecar next to {}", image.display()));
+    let sc = find_sidecar(image)
+        .unwrap_or_else(|| panic!("{what}: no JSON sidecar next to {}", image.display()));
     let body = std::fs::read_to_string(&sc).unwrap();
-    let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{what}: sidecar {} is not JSON: {e}", sc.display()));
+    let v: Value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("{what}: sidecar {} is not JSON: {e}", sc.display()));
     let flat = v.to_string();
     for f in facts.iter().chain(&["completed"]) {
-        assert!(flat.contains(*f), "{what}: sidecar {} does not record {f:?}: {}", sc.display(), pretty(&v));
+        assert!(
+            flat.contains(*f),
+            "{what}: sidecar {} does not record {f:?}: {}",
+            sc.display(),
+            pretty(&v)
+        );
     }
 }
 

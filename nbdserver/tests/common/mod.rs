@@ -27,9 +27,16 @@ impl TestServer {
         let dir = tempfile::tempdir().expect("temp dir");
         let socket = dir.path().join("nbd.sock");
         let server = Server::new(config);
-        let addr = server.listen_unix(&socket).await.expect("listen on unix socket");
+        let addr = server
+            .listen_unix(&socket)
+            .await
+            .expect("listen on unix socket");
         assert_eq!(addr, ListenAddr::Unix(socket.clone()));
-        TestServer { server, dir, socket }
+        TestServer {
+            server,
+            dir,
+            socket,
+        }
     }
 
     pub fn add(&self, name: &str, export: Arc<dyn BlockExport>) {

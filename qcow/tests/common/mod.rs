@@ -26,7 +26,14 @@ pub fn require_tool(name: &str, package: &str) -> PathBuf {
     let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
-    for d in ["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/local/bin", "/usr/bin", "/bin"] {
+    for d in [
+        "/usr/local/sbin",
+        "/usr/sbin",
+        "/sbin",
+        "/usr/local/bin",
+        "/usr/bin",
+        "/bin",
+    ] {
         dirs.push(PathBuf::from(d));
     }
     for d in dirs {
@@ -189,7 +196,8 @@ pub fn pwrite_zeroes(f: &File, off: u64, len: u64) {
     let mut done = 0;
     while done < len {
         let n = (len - done).min(zeros.len() as u64) as usize;
-        f.write_all_at(&zeros[..n], off + done).expect("pwrite zeroes to raw mirror");
+        f.write_all_at(&zeros[..n], off + done)
+            .expect("pwrite zeroes to raw mirror");
         done += n as u64;
     }
 }
@@ -204,21 +212,35 @@ pub fn assert_same_bytes(what: &str, got: &[u8], want: &[u8]) {
 
 pub fn diff_bytes(got: &[u8], want: &[u8]) -> Option<String> {
     if got.len() != want.len() {
-        return Some(format!("length differs: got {} bytes, want {}", got.len(), want.len()));
+        return Some(format!(
+            "length differs: got {} bytes, want {}",
+            got.len(),
+            want.len()
+        ));
     }
     // Fast path (memcmp): byte-wise iteration is slow in debug builds.
     if got == want {
         return None;
     }
     let first = got.iter().zip(want).position(|(a, b)| a != b)?;
-    let last = got.len() - 1 - got.iter().rev().zip(want.iter().rev()).position(|(a, b)| a != b).unwrap();
+    let last = got.len()
+        - 1
+        - got
+            .iter()
+            .rev()
+            .zip(want.iter().rev())
+            .position(|(a, b)| a != b)
+            .unwrap();
     let ndiff = got.iter().zip(want).filter(|(a, b)| a != b).count();
     let lo = first.saturating_sub(16) & !15;
     let hi = (first + 48).min(got.len());
     let mut s = format!(
         "{ndiff} bytes differ, first at offset {first} (0x{first:x}), last at {last} (0x{last:x})\n"
     );
-    let _ = writeln!(s, "offset      got                                              want");
+    let _ = writeln!(
+        s,
+        "offset      got                                              want"
+    );
     let mut o = lo;
     while o < hi {
         let e = (o + 16).min(hi);
@@ -303,7 +325,11 @@ pub fn ours_classified(extents: &[Extent]) -> Vec<Range> {
                 start: e.offset,
                 length: e.length,
                 kind,
-                depth: if kind == Kind::Unallocated { None } else { Some(e.depth) },
+                depth: if kind == Kind::Unallocated {
+                    None
+                } else {
+                    Some(e.depth)
+                },
                 compressed: kind == Kind::Data && e.compressed,
             }
         })
@@ -320,19 +346,27 @@ pub fn qemu_map(image: &Path) -> Vec<Range> {
         "--output=json".as_ref(),
         image.as_os_str(),
     ]);
-    let v: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("qemu-img map output is not JSON ({e}):\n{out}"));
-    let arr = v.as_array().unwrap_or_else(|| panic!("qemu-img map output is not an array:\n{out}"));
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("qemu-img map output is not JSON ({e}):\n{out}"));
+    let arr = v
+        .as_array()
+        .unwrap_or_else(|| panic!("qemu-img map output is not an array:\n{out}"));
     arr.iter()
         .map(|m| {
-            let g = |k: &str| m.get(k).unwrap_or_else(|| panic!("qemu-img map entry lacks {k}: {m}"));
+            let g = |k: &str| {
+                m.get(k)
+                    .unwrap_or_else(|| panic!("qemu-img map entry lacks {k}: {m}"))
+            };
             let start = g("start").as_u64().unwrap();
             let length = g("length").as_u64().unwrap();
             let present = g("present").as_bool().unwrap();
             let zero = g("zero").as_bool().unwrap();
             let data = g("data").as_bool().unwrap();
             let depth = g("depth").as_u64().unwrap() as u32;
-            let compressed = m.get("compressed").and_then(|c| c.as_bool()).unwrap_or(false);
+            let compressed = m
+                .get("compressed")
+                .and_then(|c| c.as_bool())
+                .unwrap_or(false);
             let kind = if !present {
                 Kind::Unallocated
             } else if zero {
@@ -346,7 +380,11 @@ pub fn qemu_map(image: &Path) -> Vec<Range> {
                 start,
                 length,
                 kind,
-                depth: if kind == Kind::Unallocated { None } else { Some(depth) },
+                depth: if kind == Kind::Unallocated {
+                    None
+                } else {
+                    Some(depth)
+                },
                 compressed: kind == Kind::Data && compressed,
             }
         })
@@ -358,7 +396,10 @@ fn check_tiling(who: &str, r: &[Range], size: u64) -> Result<(), String> {
     let mut pos = 0;
     for x in r {
         if x.start != pos {
-            return Err(format!("{who}: range {x:?} starts at {}, expected {pos} (gap or overlap)", x.start));
+            return Err(format!(
+                "{who}: range {x:?} starts at {}, expected {pos} (gap or overlap)",
+                x.start
+            ));
         }
         if x.length == 0 {
             return Err(format!("{who}: empty range {x:?}"));
@@ -417,9 +458,18 @@ pub fn compare_maps(ours: &[Range], qemu: &[Range], size: u64) -> Result<(), Str
     if diffs.is_empty() {
         return Ok(());
     }
-    let mut s = format!("block status differs from qemu-img map in {} ranges:\n", diffs.len());
+    let mut s = format!(
+        "block status differs from qemu-img map in {} ranges:\n",
+        diffs.len()
+    );
     for (st, e, x, y) in diffs.iter().take(40) {
-        let _ = writeln!(s, "  [{st:#x}, {e:#x}) len {:>9}: ours {:<28} qemu {}", e - st, fmt_key(*x), fmt_key(*y));
+        let _ = writeln!(
+            s,
+            "  [{st:#x}, {e:#x}) len {:>9}: ours {:<28} qemu {}",
+            e - st,
+            fmt_key(*x),
+            fmt_key(*y)
+        );
     }
     if diffs.len() > 40 {
         let _ = writeln!(s, "  ... {} more", diffs.len() - 40);
@@ -427,7 +477,13 @@ pub fn compare_maps(ours: &[Range], qemu: &[Range], size: u64) -> Result<(), Str
     for (who, list) in [("ours", &a), ("qemu", &b)] {
         let _ = writeln!(s, "{who} (coalesced, {} ranges):", list.len());
         for x in list.iter().take(60) {
-            let _ = writeln!(s, "  [{:#x}, {:#x}) {}", x.start, x.start + x.length, fmt_key(x.key()));
+            let _ = writeln!(
+                s,
+                "  [{:#x}, {:#x}) {}",
+                x.start,
+                x.start + x.length,
+                fmt_key(x.key())
+            );
         }
         if list.len() > 60 {
             let _ = writeln!(s, "  ...");
@@ -443,9 +499,13 @@ pub fn assert_block_status_matches_qemu(top: &Path, chain: &Chain) {
     let mut ext = Vec::new();
     let mut pos = 0;
     while pos < size {
-        let part = chain
-            .block_status(pos, size - pos)
-            .unwrap_or_else(|e| panic!("Chain::block_status({pos}, {}) on {}: {e}", size - pos, top.display()));
+        let part = chain.block_status(pos, size - pos).unwrap_or_else(|e| {
+            panic!(
+                "Chain::block_status({pos}, {}) on {}: {e}",
+                size - pos,
+                top.display()
+            )
+        });
         let end = part.last().map(|e| e.offset + e.length).unwrap_or(pos);
         assert!(
             end > pos,
@@ -480,7 +540,12 @@ pub fn qemu_to_raw(image: &Path, out: &Path) -> Vec<u8> {
 /// `qemu-img check -f qcow2` exits 0, and its JSON report shows no errors,
 /// corruptions or leaks.
 pub fn assert_qemu_check_clean(image: &Path) {
-    qemu_img(&["check".as_ref(), "-f".as_ref(), "qcow2".as_ref(), image.as_os_str()]);
+    qemu_img(&[
+        "check".as_ref(),
+        "-f".as_ref(),
+        "qcow2".as_ref(),
+        image.as_os_str(),
+    ]);
     let (code, out, report) = qemu_img_status(&[
         "check".as_ref(),
         "-f".as_ref(),
@@ -488,12 +553,26 @@ pub fn assert_qemu_check_clean(image: &Path) {
         "--output=json".as_ref(),
         image.as_os_str(),
     ]);
-    assert_eq!(code, 0, "qemu-img check --output=json is not clean:\n{report}");
-    let v: serde_json::Value =
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("qemu-img check output is not JSON ({e}):\n{out}"));
-    for k in ["check-errors", "corruptions", "leaks", "corruptions-fixed", "leaks-fixed"] {
+    assert_eq!(
+        code, 0,
+        "qemu-img check --output=json is not clean:\n{report}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("qemu-img check output is not JSON ({e}):\n{out}"));
+    for k in [
+        "check-errors",
+        "corruptions",
+        "leaks",
+        "corruptions-fixed",
+        "leaks-fixed",
+    ] {
         let n = v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
-        assert_eq!(n, 0, "qemu-img check of {} reports {k} = {n}:\n{out}", image.display());
+        assert_eq!(
+            n,
+            0,
+            "qemu-img check of {} reports {k} = {n}:\n{out}",
+            image.display()
+        );
     }
 }
 

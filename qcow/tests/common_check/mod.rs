@@ -71,7 +71,9 @@ pub fn qemu_io(path: &Path, cmds: &[&str]) {
 
 /// `qemu-img check -f qcow2 FILE`: exit code and output.
 pub fn qemu_check(path: &Path) -> (i32, String) {
-    let out = run(Command::new("qemu-img").args(["check", "-f", "qcow2"]).arg(path));
+    let out = run(Command::new("qemu-img")
+        .args(["check", "-f", "qcow2"])
+        .arg(path));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -96,9 +98,9 @@ pub fn count_mismatch(path: &Path, ours: Option<&CheckReport>) -> Option<String>
     let q = qemu_counts(path);
     let o = ours.map(|r| (r.corruptions, r.leaks, r.check_errors));
     match (q, o) {
-        (Some(q), Some(o)) if q.2 == 0 && q != o => {
-            Some(format!("(corruptions, leaks, check errors): qemu {q:?}, ours {o:?}"))
-        }
+        (Some(q), Some(o)) if q.2 == 0 && q != o => Some(format!(
+            "(corruptions, leaks, check errors): qemu {q:?}, ours {o:?}"
+        )),
         _ => None,
     }
 }
@@ -127,7 +129,8 @@ pub fn assert_same_class(path: &Path, what: &str) -> i32 {
 }
 
 pub fn copy(src: &Path, dst: &Path) {
-    std::fs::copy(src, dst).unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), dst.display()));
+    std::fs::copy(src, dst)
+        .unwrap_or_else(|e| panic!("copy {} -> {}: {e}", src.display(), dst.display()));
 }
 
 pub fn file_len(path: &Path) -> u64 {
@@ -155,7 +158,11 @@ pub struct Img {
 
 impl Img {
     pub fn open(path: &Path) -> Img {
-        let f = OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
         let mut h = [0u8; 104];
         f.read_exact_at(&mut h, 0).unwrap();
         let u32_at = |o: usize| u32::from_be_bytes(h[o..o + 4].try_into().unwrap());
@@ -247,7 +254,9 @@ impl Img {
                 let at = self.l2_entry_at(l2, j);
                 let raw = self.u64(at);
                 let compressed = raw & COMPRESSED != 0;
-                if compressed == want_compressed && (compressed && raw != 0 || raw & OFFSET_MASK != 0) {
+                if compressed == want_compressed
+                    && (compressed && raw != 0 || raw & OFFSET_MASK != 0)
+                {
                     out.push((i, l2, j, at, raw));
                 }
             }
