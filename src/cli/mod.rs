@@ -3,6 +3,7 @@
 pub mod export;
 pub mod image;
 pub mod inspect;
+pub mod mount;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +37,8 @@ pub enum Command {
     /// Repository catalog maintenance.
     #[command(subcommand)]
     Catalog(inspect::CatalogCmd),
+    /// Mount every completed point in time as a read-only file tree (FUSE).
+    Mount(mount::MountArgs),
 }
 
 /// Set up logging to stderr.
@@ -64,5 +67,6 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Backups(c) => inspect::run_backups(c),
         Command::Chain(c) => inspect::run_chain(c),
         Command::Catalog(c) => inspect::run_catalog(c),
+        Command::Mount(a) => mount::run(a),
     }
 }
