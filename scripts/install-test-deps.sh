@@ -33,6 +33,9 @@ TOOLS=(
     "sgdisk gdisk"
     "sfdisk fdisk"
     "fio fio"
+    "python3 python3"
+    "mountpoint util-linux"
+    "ntfsinfo ntfs-3g"
 )
 # Debian packages that provide no command of their own to look for.
 LIBRARY_PACKAGES=(python3-libnbd)
