@@ -1151,3 +1151,223 @@ pub fn describe_exit(st: &ExitStatus) -> String {
         _ => format!("{st:?}"),
     }
 }
+
+// ---------------------------------------------------------------------------
+// `chainvault mount` (mount_*.rs)
+
+/// A running `chainvault mount`. On drop (a failing test) the mount is
+/// detached and the process killed, so nothing is left behind.
+pub struct Mount {
+    pub dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// Whether `dir` is a mount point now (by /proc/mounts).
+pub fn is_mounted(dir: &Path) -> bool {
+    let want = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    mounts.lines().any(|l| {
+        l.split_whitespace()
+            .nth(1)
+            .is_some_and(|m| Path::new(&m.replace("\\040", " ")) == want)
+    })
+}
+
+impl Mount {
+    /// `chainvault mount DIR ARGS...`; waits for its `mounted` line.
+    pub fn start(dir: &Path, args: &[&str]) -> Mount {
+        need("fusermount3", "fuse3");
+        std::fs::create_dir_all(dir).unwrap();
+        let n = DAEMON_SEQ.fetch_add(1, Ordering::SeqCst);
+        let logdir = dir.parent().unwrap_or(dir).join("logs");
+        std::fs::create_dir_all(&logdir).unwrap();
+        let log = logdir.join(format!("mount-{n}.stderr"));
+        let mut c = Command::new(BIN);
+        c.arg("mount")
+            .arg(dir)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
+        let desc = format!("{c:?}");
+        let mut child = c
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {desc}: {e}"));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            let _ = tx.send(line);
+            let mut sink = Vec::new();
+            let _ = r.read_to_end(&mut sink);
+        });
+        let t0 = Instant::now();
+        let line = loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => break l,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break String::new(),
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{desc}: not mounted within 30 s\n{}", tail(&log, 40));
+            }
+        };
+        if !line.starts_with("mounted ") {
+            let st = wait_timeout(&mut child, Duration::from_secs(5));
+            panic!(
+                "{desc}: first stdout line is {line:?}, not `mounted ...` (exit {st:?})\n--- stderr ---\n{}",
+                tail(&log, 40)
+            );
+        }
+        assert!(
+            is_mounted(dir),
+            "{desc} said mounted but /proc/mounts has no {}",
+            dir.display()
+        );
+        Mount {
+            dir: dir.to_path_buf(),
+            log,
+            child: Some(child),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("mount already stopped").id() as i32
+    }
+
+    fn finish(&mut self, how: &str) {
+        let mut child = self.child.take().expect("mount already stopped");
+        let st = wait_timeout(&mut child, Duration::from_secs(20)).unwrap_or_else(|| {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "chainvault mount still running 20 s after {how}\n{}",
+                tail(&self.log, 40)
+            )
+        });
+        assert_eq!(
+            st.code(),
+            Some(0),
+            "chainvault mount exited {} after {how}\n{}",
+            describe_exit(&st),
+            tail(&self.log, 40)
+        );
+        assert!(
+            !is_mounted(&self.dir),
+            "{} is still in /proc/mounts after {how}",
+            self.dir.display()
+        );
+    }
+
+    /// Ctrl-C: the process must unmount and exit 0.
+    pub fn sigint(mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid(), libc::SIGINT) };
+        self.finish("SIGINT");
+    }
+
+    /// `fusermount3 -u DIR` from outside: the process must exit 0.
+    pub fn fusermount_u(mut self) {
+        let mut c = Command::new("fusermount3");
+        c.arg("-u").arg(&self.dir);
+        run_ok(c);
+        self.finish("fusermount3 -u");
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("fusermount3")
+                .args(["-u", "-z"])
+                .arg(&self.dir)
+                .stderr(Stdio::null())
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+            if std::thread::panicking() {
+                eprintln!(
+                    "--- chainvault mount stderr ({}) ---\n{}",
+                    self.log.display(),
+                    tail(&self.log, 40)
+                );
+            }
+        }
+    }
+}
+
+/// Back up whole source disks through the daemon: start (`disks` carries
+/// the disk specs on a VM's first backup), `nbdcopy` each source into its
+/// target, complete each with change_id `cid-<backup n>-<disk>`. Returns the
+/// backup id.
+pub fn backup_sources(
+    d: &Daemon,
+    vm: &str,
+    kind: &str,
+    srcs: &[(u32, &Path)],
+    first: bool,
+) -> String {
+    let disks = first.then(|| {
+        Value::Array(
+            srcs.iter()
+                .map(|(id, p)| disk_spec(*id, std::fs::metadata(p).unwrap().len()))
+                .collect(),
+        )
+    });
+    let r = d.start_backup(&start_body(vm, kind, disks));
+    let id = s(&r["backup_id"]);
+    for (disk, src) in srcs {
+        let t = disk_of(&r, *disk);
+        nbdcopy(src, &s(&t["nbd_uri"]));
+        d.complete(&id, *disk, &format!("cid-{id}-{disk}"), 0);
+    }
+    id
+}
+
+/// `cmp A B` must say identical.
+pub fn assert_cmp(what: &str, a: &Path, b: &Path) {
+    let out = run(cmd("cmp", &[a.as_os_str(), b.as_os_str()]));
+    assert!(
+        out.status.success(),
+        "{what}: cmp {} {} differ: {}{}",
+        a.display(),
+        b.display(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// Names in a directory, sorted.
+pub fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Poll `f` every 100 ms for up to `secs`.
+pub fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    loop {
+        if f() {
+            return true;
+        }
+        if t0.elapsed() > Duration::from_secs(secs) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
