@@ -43,12 +43,44 @@ struct Nodes {
     list: Vec<Node>,
 }
 
+/// Short (8.3) names are stored in an OEM code page; Linux reads them as
+/// code page 437 by default (vfat `codepage=437`), and so do we: mtools
+/// stores `café` as a short name with `é` = 0x82.
+#[derive(Debug)]
+struct Cp437;
+
+const CP437_HIGH: &str = "ÇüéâäàåçêëèïîìÄÅÉæÆôöòûùÿÖÜ¢£¥₧ƒáíóúñÑªº¿⌐¬½¼¡«»░▒▓│┤╡╢╖╕╣║╗╝╜╛┐└┴┬├─┼╞╟╚╔╩╦╠═╬╧╨╤╥╙╘╒╓╫╪┘┌█▄▌▐▀αßΓπΣσµτΦΘΩδ∞φε∩≡±≥≤⌠⌡÷≈°∙·√ⁿ²■ ";
+
+impl fatfs::OemCpConverter for Cp437 {
+    fn decode(&self, c: u8) -> char {
+        if c < 0x80 {
+            c as char
+        } else {
+            CP437_HIGH
+                .chars()
+                .nth(c as usize - 0x80)
+                .unwrap_or('\u{FFFD}')
+        }
+    }
+
+    fn encode(&self, u: char) -> Option<u8> {
+        if (u as u32) < 0x80 {
+            return Some(u as u8);
+        }
+        CP437_HIGH
+            .chars()
+            .position(|c| c == u)
+            .map(|i| (i + 0x80) as u8)
+    }
+}
+
+static CP437: Cp437 = Cp437;
+
 /// fatfs's `FileSystem` is not `Send` only because it keeps
 /// `&'static dyn OemCpConverter` and `&'static dyn TimeProvider`, traits
-/// without a `Sync` bound. We build it with `FsOptions::new()`, which sets
-/// the crate's own stateless defaults (`LossyOemCpConverter`,
-/// `DefaultTimeProvider`: unit structs with no interior mutability), and the
-/// handle is only ever used under our mutex.
+/// without a `Sync` bound. Ours are stateless: our own [`Cp437`] and the
+/// crate's `DefaultTimeProvider` (unit structs with no interior
+/// mutability), and the handle is only ever used under our mutex.
 struct SendFs(FileSystem<Cursor>);
 // SAFETY: see above: the non-Send fields point at immutable, stateless
 // statics; everything else in FileSystem (RefCell, Cell, Cursor) is Send,
@@ -95,6 +127,26 @@ fn fat_time(d: fatfs::Date, t: fatfs::Time) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs as u64) + Duration::from_millis(t.millis.min(999) as u64)
 }
 
+/// fatfs applies the "lower-case base/extension" flags of a short name
+/// with ASCII rules only (`CAFÉ` becomes `cafÉ`); Linux and Windows lower
+/// the whole part. Redo it when the name is the short name recased.
+fn fix_case(name: String, short: &str) -> String {
+    if name == short || name.to_uppercase() != short.to_uppercase() {
+        return name;
+    }
+    let fix = |p: &str| {
+        if p.chars().any(|c| c.is_ascii_lowercase()) {
+            p.to_lowercase()
+        } else {
+            p.to_string()
+        }
+    };
+    match name.rsplit_once('.') {
+        Some((b, x)) => format!("{}.{}", fix(b), fix(x)),
+        None => fix(&name),
+    }
+}
+
 impl Fat {
     /// True when `boot` (the first sector) looks like a FAT boot sector.
     pub fn probe(boot: &[u8]) -> bool {
@@ -119,7 +171,7 @@ impl Fat {
     pub fn open(dev: Disk) -> Result<Self, String> {
         let cursor = Cursor { disk: dev, pos: 0 };
         let fs = match catch_unwind(AssertUnwindSafe(|| {
-            FileSystem::new(cursor, FsOptions::new())
+            FileSystem::new(cursor, FsOptions::new().oem_cp_converter(&CP437))
         })) {
             Ok(Ok(fs)) => fs,
             Ok(Err(e)) => return Err(format!("FAT boot sector or FAT is invalid: {e}")),
@@ -181,7 +233,7 @@ impl Fat {
                 let mut v = Vec::new();
                 for e in dh.iter() {
                     let e = e?;
-                    let name = e.file_name();
+                    let name = fix_case(e.file_name(), &e.short_file_name());
                     if name == "." || name == ".." || name.is_empty() {
                         continue;
                     }
