@@ -15,8 +15,19 @@
 //! - Nothing here panics on a damaged disk: bad bytes become `io::Error`s.
 
 use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::SystemTime;
+
+mod cache;
+mod disk;
+mod ext4;
+mod fat;
+mod jbd2;
+mod ntfs;
+pub mod part;
+
+pub use disk::{CachedDisk, FileDisk, MemDisk, SliceDisk};
 
 /// A random-access, read-only byte source of known size.
 pub trait ReadAt: Send + Sync {
@@ -111,7 +122,149 @@ pub struct Volume {
 
 /// List the volumes of `disk`. Never fails: a disk with no partition table
 /// and no filesystem yields one `whole` volume whose `fs` says so.
+///
+/// Metadata is read through one bounded [`CachedDisk`] shared by all the
+/// volumes of the disk; file data (ext4 extents) is read from `disk` itself
+/// in large pieces.
 pub fn volumes(disk: Disk) -> Vec<Volume> {
-    let _ = disk;
-    unimplemented!("built by the guest-formats work of issue 6")
+    let cached: Disk = Arc::new(CachedDisk::with_defaults(disk.clone()));
+    let whole = |fs: Result<Arc<dyn GuestFs>, String>| Volume {
+        name: "whole".into(),
+        dev: disk.clone(),
+        fs,
+    };
+    match read_table(&*cached) {
+        Ok(part::Table::None) => vec![whole(open_fs(cached.clone(), disk.clone()))],
+        Ok(part::Table::Gpt(parts)) | Ok(part::Table::Mbr(parts)) if parts.is_empty() => {
+            vec![whole(Err("the partition table lists no partitions".into()))]
+        }
+        Ok(part::Table::Gpt(parts)) | Ok(part::Table::Mbr(parts)) => parts
+            .into_iter()
+            .map(|p| {
+                let name = match p.label.as_deref().map(part::safe_label) {
+                    Some(l) if !l.is_empty() => format!("p{}-{}", p.number, l),
+                    _ => format!("p{}", p.number),
+                };
+                let raw = SliceDisk::new(disk.clone(), p.start, p.len);
+                let meta = SliceDisk::new(cached.clone(), p.start, p.len);
+                match (raw, meta) {
+                    (Ok(raw), Ok(meta)) => {
+                        let raw: Disk = Arc::new(raw);
+                        Volume {
+                            name,
+                            dev: raw.clone(),
+                            fs: open_fs(Arc::new(meta), raw),
+                        }
+                    }
+                    (Err(e), _) | (_, Err(e)) => Volume {
+                        name,
+                        dev: Arc::new(MemDisk(Vec::new())),
+                        fs: Err(format!("partition {}: {e}", p.number)),
+                    },
+                }
+            })
+            .collect(),
+        Err(reason) => {
+            // A damaged table: a filesystem on the bare disk may still open.
+            let fs = open_fs(cached.clone(), disk.clone())
+                .map_err(|e| format!("the partition table is damaged ({reason}), and the disk itself does not open: {e}"));
+            vec![whole(fs)]
+        }
+    }
+}
+
+/// Which partition table, if any, `disk` has.
+pub fn read_table(disk: &dyn ReadAt) -> Result<part::Table, String> {
+    if part::has_protective_mbr(disk) {
+        return match part::read_gpt(disk)? {
+            Some(p) => Ok(part::Table::Gpt(p)),
+            None => Err("a protective MBR announces a GPT, but neither GPT header (LBA 1, last LBA) is there".into()),
+        };
+    }
+    // A FAT or NTFS boot sector ends in 55 AA like an MBR: look first.
+    let mut s = [0u8; 512];
+    if disk.read_exact_at(&mut s, 0).is_ok() && (ntfs::Ntfs::probe(&s) || fat::Fat::probe(&s)) {
+        return Ok(part::Table::None);
+    }
+    if let Some(p) = part::read_mbr(disk)? {
+        return Ok(part::Table::Mbr(p));
+    }
+    if let Ok(Some(p)) = part::read_gpt(disk) {
+        return Ok(part::Table::Gpt(p));
+    }
+    Ok(part::Table::None)
+}
+
+/// Opens the filesystem of one volume: `meta` is the cached view used for
+/// metadata, `raw` the same bytes uncached, for bulk file data. Returns why
+/// not, in words, for an unknown or damaged filesystem; never panics.
+pub fn open_fs(meta: Disk, raw: Disk) -> Result<Arc<dyn GuestFs>, String> {
+    match catch_unwind(AssertUnwindSafe(|| open_fs_inner(meta, raw))) {
+        Ok(r) => r,
+        Err(_) => Err("the filesystem reader failed on damaged metadata (a bug: please report it with the image)".into()),
+    }
+}
+
+fn open_fs_inner(meta: Disk, raw: Disk) -> Result<Arc<dyn GuestFs>, String> {
+    let size = meta.size();
+    if size < 512 {
+        return Err(format!(
+            "the volume is only {size} bytes: too small for any filesystem"
+        ));
+    }
+    let mut head = vec![0u8; size.min(4096) as usize];
+    meta.read_exact_at(&mut head, 0)
+        .map_err(|e| format!("cannot read the start of the volume: {e}"))?;
+    if ntfs::Ntfs::probe(&head) {
+        return Ok(Arc::new(ntfs::Ntfs::open(meta)?));
+    }
+    if ext4::Ext4::probe(&head) {
+        return Ok(Arc::new(ext4::Ext4::open(meta, raw)?));
+    }
+    if fat::Fat::probe(&head) {
+        return Ok(Arc::new(fat::Fat::open(meta)?));
+    }
+    Err(unknown_reason(&*meta, &head))
+}
+
+/// Why nothing was recognised, as precisely as cheap probes allow.
+fn unknown_reason(meta: &dyn ReadAt, head: &[u8]) -> String {
+    let at = |o: usize, m: &[u8]| head.get(o..o + m.len()) == Some(m);
+    let other = if at(3, b"EXFAT   ") {
+        Some("exFAT")
+    } else if at(0, b"XFSB") {
+        Some("XFS")
+    } else if at(0, b"LUKS\xba\xbe") {
+        Some("LUKS (encrypted)")
+    } else if at(512, b"LABELONE") {
+        Some("an LVM physical volume")
+    } else if head.len() >= 4096 && at(4086, b"SWAPSPACE2") {
+        Some("Linux swap")
+    } else {
+        let mut b = [0u8; 8];
+        if meta.read_exact_at(&mut b, 0x10040).is_ok() && &b == b"_BHRfS_M" {
+            Some("btrfs")
+        } else {
+            None
+        }
+    };
+    if let Some(o) = other {
+        return format!("{o} is not supported (this reader opens ext2/3/4, NTFS and FAT12/16/32)");
+    }
+    // A zeroed ext superblock with intact backups is a common damage.
+    for (bs, blk) in [(1024u64, 8193u64), (2048, 16384), (4096, 32768)] {
+        let mut m = [0u8; 2];
+        let off = blk * bs + 56 + if bs == 1024 { 0 } else { 0 };
+        if meta.read_exact_at(&mut m, off).is_ok() && u16::from_le_bytes(m) == 0xEF53 {
+            return format!(
+                "no filesystem signature at the start, but a backup ext2/3/4 superblock is at block {blk} ({bs}-byte blocks): \
+                 the primary superblock is damaged (e2fsck -b {blk} -B {bs} on a copy would repair it)"
+            );
+        }
+    }
+    if head.iter().all(|&b| b == 0) {
+        "no filesystem: the first 4 KiB of the volume are all zero (unformatted, or its superblock was wiped)".into()
+    } else {
+        "no filesystem recognised: no ext2/3/4, NTFS or FAT signature (unknown format or damaged superblock)".into()
+    }
 }
