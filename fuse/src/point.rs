@@ -113,5 +113,6 @@ impl Point {
 /// directory blocks) go through a bounded cache so they do not each walk the
 /// chain; `disk.raw` reads bypass it.
 fn cache_for_guest(d: Disk) -> Disk {
-    d
+    // 64 KiB blocks, 32 MiB per open point at most; big file reads bypass it.
+    Arc::new(guestfs::CachedDisk::with_defaults(d))
 }
