@@ -71,6 +71,14 @@ fn term_set() -> libc::sigset_t {
 /// [`mount_foreground`] sees them. Call it first thing, before any runtime
 /// or thread pool starts.
 pub fn block_termination_signals() -> io::Result<()> {
+    // A shell starts background jobs with SIGINT ignored; an ignored signal
+    // is dropped before sigwait could see it, so take the defaults back
+    // (SIGHUP stays as inherited: `nohup` means it).
+    // SAFETY: resetting dispositions before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+    }
     let set = term_set();
     // SAFETY: setting this thread's signal mask.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
