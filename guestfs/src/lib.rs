@@ -24,7 +24,9 @@ mod disk;
 mod ext4;
 mod fat;
 mod jbd2;
+mod lznt1;
 mod ntfs;
+mod ntfs_compressed;
 pub mod part;
 
 pub use disk::{CachedDisk, FileDisk, MemDisk, SliceDisk};

@@ -11,19 +11,25 @@
 //! 0777 for symlinks. Symlinks are Windows symlinks and junctions (reparse
 //! points, `\` turned into `/`), WSL symlinks, and Interix symlinks (what
 //! ntfs-3g writes). Metafiles (`$MFT`, `$Extend`, ...) are hidden.
-//! Compressed and encrypted files list with their size, but reading them
-//! fails with an error that says so: the crate does not decompress LZNT1.
+//! Compressed files are read by our own code ([`crate::ntfs_compressed`],
+//! LZNT1 in [`crate::lznt1`]): the crate does not decompress. Recently
+//! decompressed units and each compressed file's data runs are cached.
+//! Encrypted (EFS) files list with their size, but reading them fails with
+//! an error that says so.
 
 use std::io::{self, SeekFrom};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
-use ntfs::{NtfsAttributeFlags, NtfsAttributeType, NtfsFile, NtfsReadSeek};
+use ntfs::attribute_value::{NtfsAttributeValue, NtfsNonResidentAttributeValue};
+use ntfs::structured_values::{NtfsAttributeList, NtfsFileAttributeFlags, NtfsFileNamespace};
+use ntfs::types::NtfsPosition;
+use ntfs::{NtfsAttribute, NtfsAttributeFlags, NtfsAttributeType, NtfsFile, NtfsReadSeek};
 
 use crate::cache::{Listing, Lru, DIR_CACHE_ENTRIES};
 use crate::disk::Cursor;
+use crate::ntfs_compressed::{Layout, Run};
 use crate::{Attr, DirEntry, Disk, GuestFs, Kind, NodeId};
 
 const ROOT: NodeId = 5;
@@ -31,11 +37,24 @@ const INTERIX: &[u8] = b"IntxLNK\x01";
 const TAG_SYMLINK: u32 = 0xA000_000C;
 const TAG_MOUNT_POINT: u32 = 0xA000_0003;
 const TAG_LX_SYMLINK: u32 = 0xA000_001D;
+/// Offset of the compression unit exponent in a non-resident attribute
+/// header.
+const COMPRESSION_UNIT_AT: u64 = 0x22;
+/// Decompressed units kept, in bytes (32 units of 64 KiB): sequential
+/// reads smaller than a unit decompress it once, several readers at once
+/// keep theirs.
+const UNIT_CACHE_BYTES: usize = 2 << 20;
+/// Data runs of compressed files kept, in runs.
+const LAYOUT_CACHE_RUNS: usize = 1 << 18;
 
 pub struct Ntfs {
     ntfs: ntfs::Ntfs,
     dev: Disk,
     dirs: Lru<NodeId, Arc<Listing>>,
+    /// Data runs of compressed files.
+    layouts: Lru<NodeId, Arc<Layout>>,
+    /// Decompressed units: (file, unit index) -> file bytes.
+    units: Lru<(NodeId, u64), Arc<[u8]>>,
 }
 
 fn err(e: ntfs::NtfsError) -> io::Error {
@@ -130,6 +149,8 @@ impl Ntfs {
             ntfs,
             dev,
             dirs: Lru::new(DIR_CACHE_ENTRIES),
+            layouts: Lru::new(LAYOUT_CACHE_RUNS),
+            units: Lru::new(UNIT_CACHE_BYTES),
         };
         me.list(ROOT)
             .map_err(|e| format!("cannot list the NTFS root directory: {e}"))?;
@@ -261,6 +282,177 @@ impl Ntfs {
     }
 }
 
+/// Appends the data runs of one non-resident attribute (or one piece of it
+/// when an attribute list splits it) that starts at cluster `vcn`.
+fn push_runs(
+    v: &NtfsNonResidentAttributeValue,
+    mut vcn: u64,
+    cluster: u64,
+    runs: &mut Vec<Run>,
+) -> io::Result<()> {
+    for r in v.data_runs() {
+        let r = r.map_err(err)?;
+        let clusters = r.allocated_size() / cluster;
+        // The crate gives no position for a sparse run (nor for LCN 0,
+        // the boot sector, which never holds file data).
+        let at = r.data_position().value().map(|p| p.get());
+        runs.push(Run { vcn, clusters, at });
+        vcn = vcn.checked_add(clusters).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "NTFS: a data run is too long")
+        })?;
+    }
+    Ok(())
+}
+
+impl Ntfs {
+    /// The compression unit exponent of the attribute at `pos`, read from
+    /// the volume: the crate keeps it private. Attributes are 8-byte
+    /// aligned in their record, so this byte is never one that the
+    /// record's update sequence (fixups, the last 2 bytes of every 512)
+    /// replaced on disk.
+    fn unit_exponent(&self, node: NodeId, pos: NtfsPosition) -> io::Result<u8> {
+        let bad = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("NTFS file record {node}: {why}"),
+            )
+        };
+        let p = pos
+            .value()
+            .ok_or_else(|| bad("the compressed $DATA attribute has no position"))?
+            .get();
+        if p % 8 != 0 {
+            return Err(bad("the compressed $DATA attribute is not 8-byte aligned"));
+        }
+        let mut b = [0u8; 1];
+        self.dev.read_exact_at(&mut b, p + COMPRESSION_UNIT_AT)?;
+        Ok(b[0])
+    }
+
+    /// The data runs and compression unit of a compressed $DATA attribute,
+    /// cached per file.
+    fn layout(
+        &self,
+        node: NodeId,
+        c: &mut Cursor,
+        f: &NtfsFile,
+        a: &NtfsAttribute,
+    ) -> io::Result<Arc<Layout>> {
+        if let Some(l) = self.layouts.get(&node) {
+            return Ok(l);
+        }
+        let cluster = self.ntfs.cluster_size() as u64;
+        let mut runs = Vec::new();
+        let exponent = match a.value(c).map_err(err)? {
+            NtfsAttributeValue::NonResident(v) => {
+                push_runs(&v, 0, cluster, &mut runs)?;
+                self.unit_exponent(node, a.position())?
+            }
+            NtfsAttributeValue::AttributeListNonResident(_) => {
+                self.list_runs(node, c, f, cluster, &mut runs)?
+            }
+            NtfsAttributeValue::Resident(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "NTFS file record {node}: a resident $DATA attribute marked compressed"
+                    ),
+                ))
+            }
+        };
+        let l = Layout::new(runs, cluster, exponent, a.value_length()).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("NTFS file record {node}: {e}"),
+            )
+        })?;
+        let l = Arc::new(l);
+        self.layouts.insert(node, l.clone(), l.weight());
+        Ok(l)
+    }
+
+    /// The runs of an unnamed $DATA attribute split over several records
+    /// by an attribute list (a very fragmented file); returns the
+    /// compression unit exponent of its first piece.
+    fn list_runs(
+        &self,
+        node: NodeId,
+        c: &mut Cursor,
+        f: &NtfsFile,
+        cluster: u64,
+        runs: &mut Vec<Run>,
+    ) -> io::Result<u8> {
+        let bad = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("NTFS file record {node}: {why}"),
+            )
+        };
+        for a in f.attributes_raw() {
+            let a = a.map_err(err)?;
+            if a.ty().map_err(err)? != NtfsAttributeType::AttributeList {
+                continue;
+            }
+            let list = a.structured_value::<_, NtfsAttributeList>(c).map_err(err)?;
+            let mut entries = list.entries();
+            let mut exponent = None;
+            while let Some(e) = entries.next(c) {
+                let e = e.map_err(err)?;
+                if e.ty().map_err(err)? != NtfsAttributeType::Data || e.name_length() != 0 {
+                    continue;
+                }
+                let vcn = u64::try_from(e.lowest_vcn().value())
+                    .map_err(|_| bad("an attribute list entry starts at a negative cluster"))?;
+                let file = e.to_file(&self.ntfs, c).map_err(err)?;
+                let piece = e.to_attribute(&file).map_err(err)?;
+                if vcn == 0 {
+                    exponent = Some(self.unit_exponent(node, piece.position())?);
+                }
+                match piece.value(c).map_err(err)? {
+                    NtfsAttributeValue::NonResident(v) => push_runs(&v, vcn, cluster, runs)?,
+                    _ => return Err(bad("a piece of the compressed $DATA attribute is resident")),
+                }
+            }
+            return exponent.ok_or_else(|| bad("the attribute list has no first piece of $DATA"));
+        }
+        Err(bad("the compressed $DATA attribute has no attribute list"))
+    }
+
+    /// Fills `buf` from `offset` (both within the file), one compression
+    /// unit at a time, through the unit cache.
+    fn read_compressed(
+        &self,
+        node: NodeId,
+        layout: &Layout,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<usize> {
+        let ub = layout.unit_bytes();
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let k = pos / ub;
+            let unit = match self.units.get(&(node, k)) {
+                Some(u) => u,
+                None => {
+                    let what = format!("NTFS file record {node}");
+                    let u: Arc<[u8]> = layout.read_unit(&*self.dev, k, &what)?.into();
+                    self.units.insert((node, k), u.clone(), u.len() + 64);
+                    u
+                }
+            };
+            let o = (pos - k * ub) as usize;
+            if o >= unit.len() {
+                break;
+            }
+            let n = (unit.len() - o).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&unit[o..o + n]);
+            done += n;
+        }
+        Ok(done)
+    }
+}
+
 impl GuestFs for Ntfs {
     fn format(&self) -> &'static str {
         "ntfs"
@@ -337,12 +529,6 @@ impl GuestFs for Ntfs {
                 return Ok(0);
             }
             let fl = a.flags();
-            if fl.contains(NtfsAttributeFlags::COMPRESSED) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("NTFS file record {node} is compressed (LZNT1), which this reader cannot decompress"),
-                ));
-            }
             if fl.contains(NtfsAttributeFlags::ENCRYPTED) {
                 return Err(io::Error::new(
                     io::ErrorKind::Unsupported,
@@ -350,6 +536,10 @@ impl GuestFs for Ntfs {
                 ));
             }
             let want = (len - offset).min(buf.len() as u64) as usize;
+            if fl.contains(NtfsAttributeFlags::COMPRESSED) && !a.is_resident() {
+                let layout = self.layout(node, &mut c, &f, &a)?;
+                return self.read_compressed(node, &layout, offset, &mut buf[..want]);
+            }
             let mut v = a.value(&mut c).map_err(err)?;
             v.seek(&mut c, SeekFrom::Start(offset)).map_err(err)?;
             let mut done = 0;
