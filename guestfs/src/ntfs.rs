@@ -14,6 +14,10 @@
 //! Compressed files are read by our own code ([`crate::ntfs_compressed`],
 //! LZNT1 in [`crate::lznt1`]): the crate does not decompress. Recently
 //! decompressed units and each compressed file's data runs are cached.
+//! A $DATA split over several records by an attribute list (a very
+//! fragmented file) is also gathered and read by us: the crate 0.4 starts
+//! it at its second piece, with size 0, when the first is in the base
+//! record.
 //! Encrypted (EFS) files list with their size, but reading them fails with
 //! an error that says so.
 
@@ -25,11 +29,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ntfs::attribute_value::{NtfsAttributeValue, NtfsNonResidentAttributeValue};
 use ntfs::structured_values::{NtfsAttributeList, NtfsFileAttributeFlags, NtfsFileNamespace};
 use ntfs::types::NtfsPosition;
-use ntfs::{NtfsAttribute, NtfsAttributeFlags, NtfsAttributeType, NtfsFile, NtfsReadSeek};
+use ntfs::{NtfsAttributeFlags, NtfsAttributeType, NtfsFile, NtfsReadSeek};
 
 use crate::cache::{Listing, Lru, DIR_CACHE_ENTRIES};
 use crate::disk::Cursor;
-use crate::ntfs_compressed::{Layout, Run};
+use crate::ntfs_compressed::{Layout, Run, RunMap};
 use crate::{Attr, DirEntry, Disk, GuestFs, Kind, NodeId};
 
 const ROOT: NodeId = 5;
@@ -44,15 +48,15 @@ const COMPRESSION_UNIT_AT: u64 = 0x22;
 /// reads smaller than a unit decompress it once, several readers at once
 /// keep theirs.
 const UNIT_CACHE_BYTES: usize = 2 << 20;
-/// Data runs of compressed files kept, in runs.
-const LAYOUT_CACHE_RUNS: usize = 1 << 18;
+/// Data runs kept for files we read ourselves, in runs.
+const MAP_CACHE_RUNS: usize = 1 << 18;
 
 pub struct Ntfs {
     ntfs: ntfs::Ntfs,
     dev: Disk,
     dirs: Lru<NodeId, Arc<Listing>>,
-    /// Data runs of compressed files.
-    layouts: Lru<NodeId, Arc<Layout>>,
+    /// How to read compressed files and files split by an attribute list.
+    maps: Lru<NodeId, Arc<DataMap>>,
     /// Decompressed units: (file, unit index) -> file bytes.
     units: Lru<(NodeId, u64), Arc<[u8]>>,
 }
@@ -149,7 +153,7 @@ impl Ntfs {
             ntfs,
             dev,
             dirs: Lru::new(DIR_CACHE_ENTRIES),
-            layouts: Lru::new(LAYOUT_CACHE_RUNS),
+            maps: Lru::new(MAP_CACHE_RUNS),
             units: Lru::new(UNIT_CACHE_BYTES),
         };
         me.list(ROOT)
@@ -282,6 +286,47 @@ impl Ntfs {
     }
 }
 
+/// The unnamed $DATA of a file split by an attribute list (see
+/// [`Ntfs::listed_data`]).
+struct Listed {
+    size: u64,
+    flags: NtfsAttributeFlags,
+    /// Position of the first piece's header.
+    at: NtfsPosition,
+    map: RunMap,
+}
+
+/// How we read a file's data ourselves instead of through the crate.
+enum DataMap {
+    /// Compressed (LZNT1 units).
+    Compressed(Layout),
+    /// Plain, split by an attribute list.
+    Plain { size: u64, map: RunMap },
+}
+
+impl DataMap {
+    fn size(&self) -> u64 {
+        match self {
+            DataMap::Compressed(l) => l.size,
+            DataMap::Plain { size, .. } => *size,
+        }
+    }
+
+    fn weight(&self) -> usize {
+        match self {
+            DataMap::Compressed(l) => l.weight(),
+            DataMap::Plain { map, .. } => map.weight(),
+        }
+    }
+}
+
+fn encrypted(node: NodeId) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("NTFS file record {node} is encrypted (EFS): its contents cannot be read without the user's key"),
+    )
+}
+
 /// Appends the data runs of one non-resident attribute (or one piece of it
 /// when an attribute list splits it) that starts at cluster `vcn`.
 fn push_runs(
@@ -329,65 +374,23 @@ impl Ntfs {
         Ok(b[0])
     }
 
-    /// The data runs and compression unit of a compressed $DATA attribute,
-    /// cached per file.
-    fn layout(
+    /// The unnamed $DATA when an attribute list splits it over several
+    /// records, gathered by us: the `ntfs` crate 0.4 starts such a value at
+    /// its second piece (with size 0) when the first is in the base record.
+    /// None when there is no list or the data is resident.
+    fn listed_data(
         &self,
         node: NodeId,
         c: &mut Cursor,
         f: &NtfsFile,
-        a: &NtfsAttribute,
-    ) -> io::Result<Arc<Layout>> {
-        if let Some(l) = self.layouts.get(&node) {
-            return Ok(l);
-        }
-        let cluster = self.ntfs.cluster_size() as u64;
-        let mut runs = Vec::new();
-        let exponent = match a.value(c).map_err(err)? {
-            NtfsAttributeValue::NonResident(v) => {
-                push_runs(&v, 0, cluster, &mut runs)?;
-                self.unit_exponent(node, a.position())?
-            }
-            NtfsAttributeValue::AttributeListNonResident(_) => {
-                self.list_runs(node, c, f, cluster, &mut runs)?
-            }
-            NtfsAttributeValue::Resident(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!(
-                        "NTFS file record {node}: a resident $DATA attribute marked compressed"
-                    ),
-                ))
-            }
-        };
-        let l = Layout::new(runs, cluster, exponent, a.value_length()).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("NTFS file record {node}: {e}"),
-            )
-        })?;
-        let l = Arc::new(l);
-        self.layouts.insert(node, l.clone(), l.weight());
-        Ok(l)
-    }
-
-    /// The runs of an unnamed $DATA attribute split over several records
-    /// by an attribute list (a very fragmented file); returns the
-    /// compression unit exponent of its first piece.
-    fn list_runs(
-        &self,
-        node: NodeId,
-        c: &mut Cursor,
-        f: &NtfsFile,
-        cluster: u64,
-        runs: &mut Vec<Run>,
-    ) -> io::Result<u8> {
+    ) -> io::Result<Option<Listed>> {
         let bad = |why: &str| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("NTFS file record {node}: {why}"),
             )
         };
+        let cluster = self.ntfs.cluster_size() as u64;
         for a in f.attributes_raw() {
             let a = a.map_err(err)?;
             if a.ty().map_err(err)? != NtfsAttributeType::AttributeList {
@@ -395,7 +398,8 @@ impl Ntfs {
             }
             let list = a.structured_value::<_, NtfsAttributeList>(c).map_err(err)?;
             let mut entries = list.entries();
-            let mut exponent = None;
+            let mut first = None;
+            let mut runs = Vec::new();
             while let Some(e) = entries.next(c) {
                 let e = e.map_err(err)?;
                 if e.ty().map_err(err)? != NtfsAttributeType::Data || e.name_length() != 0 {
@@ -406,16 +410,99 @@ impl Ntfs {
                 let file = e.to_file(&self.ntfs, c).map_err(err)?;
                 let piece = e.to_attribute(&file).map_err(err)?;
                 if vcn == 0 {
-                    exponent = Some(self.unit_exponent(node, piece.position())?);
+                    if piece.is_resident() {
+                        return Ok(None);
+                    }
+                    first = Some((piece.value_length(), piece.flags(), piece.position()));
                 }
                 match piece.value(c).map_err(err)? {
-                    NtfsAttributeValue::NonResident(v) => push_runs(&v, vcn, cluster, runs)?,
-                    _ => return Err(bad("a piece of the compressed $DATA attribute is resident")),
+                    NtfsAttributeValue::NonResident(v) => push_runs(&v, vcn, cluster, &mut runs)?,
+                    _ => return Err(bad("a piece of the listed $DATA attribute is resident")),
                 }
             }
-            return exponent.ok_or_else(|| bad("the attribute list has no first piece of $DATA"));
+            if runs.is_empty() && first.is_none() {
+                return Ok(None);
+            }
+            let (size, flags, at) =
+                first.ok_or_else(|| bad("the attribute list has no first piece of $DATA"))?;
+            let map = RunMap::new(runs, cluster).map_err(|e| bad(&e))?;
+            return Ok(Some(Listed {
+                size,
+                flags,
+                at,
+                map,
+            }));
         }
-        Err(bad("the compressed $DATA attribute has no attribute list"))
+        Ok(None)
+    }
+
+    /// The data map of a compressed attribute (`at` is its header).
+    fn compressed_map(
+        &self,
+        node: NodeId,
+        map: RunMap,
+        at: NtfsPosition,
+        size: u64,
+    ) -> io::Result<DataMap> {
+        let exponent = self.unit_exponent(node, at)?;
+        let l = Layout::new(map, exponent, size).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("NTFS file record {node}: {e}"),
+            )
+        })?;
+        Ok(DataMap::Compressed(l))
+    }
+
+    /// Caches a data map; returns it shared.
+    fn keep_map(&self, node: NodeId, m: DataMap) -> Arc<DataMap> {
+        let m = Arc::new(m);
+        self.maps.insert(node, m.clone(), m.weight());
+        m
+    }
+
+    /// The size of the unnamed $DATA stream.
+    fn data_size(&self, node: NodeId, c: &mut Cursor, f: &NtfsFile) -> io::Result<u64> {
+        if let Some(m) = self.maps.get(&node) {
+            return Ok(m.size());
+        }
+        if let Some(l) = self.listed_data(node, c, f)? {
+            return Ok(l.size);
+        }
+        Ok(match f.data(c, "") {
+            Some(item) => item
+                .map_err(err)?
+                .to_attribute()
+                .map_err(err)?
+                .value_length(),
+            None => 0,
+        })
+    }
+
+    /// Reads through a [`DataMap`].
+    fn read_map(
+        &self,
+        node: NodeId,
+        m: &DataMap,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<usize> {
+        match m {
+            DataMap::Plain { size, map } => map.read_plain(
+                &*self.dev,
+                *size,
+                offset,
+                buf,
+                &format!("NTFS file record {node}"),
+            ),
+            DataMap::Compressed(l) => {
+                if offset >= l.size {
+                    return Ok(0);
+                }
+                let want = (l.size - offset).min(buf.len() as u64) as usize;
+                self.read_compressed(node, l, offset, &mut buf[..want])
+            }
+        }
     }
 
     /// Fills `buf` from `offset` (both within the file), one compression
@@ -471,14 +558,7 @@ impl GuestFs for Ntfs {
             let size = match kind {
                 Kind::Dir => 0,
                 Kind::Symlink => target.as_ref().map_or(0, |t| t.len() as u64),
-                _ => match f.data(&mut c, "") {
-                    Some(item) => item
-                        .map_err(err)?
-                        .to_attribute()
-                        .map_err(err)?
-                        .value_length(),
-                    None => 0,
-                },
+                _ => self.data_size(node, &mut c, &f)?,
             };
             let ro = info
                 .file_attributes()
@@ -519,6 +599,23 @@ impl GuestFs for Ntfs {
             if f.is_directory() {
                 return Err(io::Error::from_raw_os_error(libc::EISDIR));
             }
+            if let Some(m) = self.maps.get(&node) {
+                return self.read_map(node, &m, offset, buf);
+            }
+            if let Some(l) = self.listed_data(node, &mut c, &f)? {
+                if l.flags.contains(NtfsAttributeFlags::ENCRYPTED) {
+                    return Err(encrypted(node));
+                }
+                let m = if l.flags.contains(NtfsAttributeFlags::COMPRESSED) {
+                    self.compressed_map(node, l.map, l.at, l.size)?
+                } else {
+                    DataMap::Plain {
+                        size: l.size,
+                        map: l.map,
+                    }
+                };
+                return self.read_map(node, &self.keep_map(node, m), offset, buf);
+            }
             let Some(item) = f.data(&mut c, "") else {
                 return Ok(0);
             };
@@ -530,16 +627,30 @@ impl GuestFs for Ntfs {
             }
             let fl = a.flags();
             if fl.contains(NtfsAttributeFlags::ENCRYPTED) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("NTFS file record {node} is encrypted (EFS): its contents cannot be read without the user's key"),
-                ));
+                return Err(encrypted(node));
+            }
+            if fl.contains(NtfsAttributeFlags::COMPRESSED) && !a.is_resident() {
+                let cluster = self.ntfs.cluster_size() as u64;
+                let mut runs = Vec::new();
+                match a.value(&mut c).map_err(err)? {
+                    NtfsAttributeValue::NonResident(v) => push_runs(&v, 0, cluster, &mut runs)?,
+                    _ => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("NTFS file record {node}: the compressed $DATA attribute has no data runs of its own"),
+                        ))
+                    }
+                }
+                let map = RunMap::new(runs, cluster).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("NTFS file record {node}: {e}"),
+                    )
+                })?;
+                let m = self.compressed_map(node, map, a.position(), len)?;
+                return self.read_map(node, &self.keep_map(node, m), offset, buf);
             }
             let want = (len - offset).min(buf.len() as u64) as usize;
-            if fl.contains(NtfsAttributeFlags::COMPRESSED) && !a.is_resident() {
-                let layout = self.layout(node, &mut c, &f, &a)?;
-                return self.read_compressed(node, &layout, offset, &mut buf[..want]);
-            }
             let mut v = a.value(&mut c).map_err(err)?;
             v.seek(&mut c, SeekFrom::Start(offset)).map_err(err)?;
             let mut done = 0;

@@ -287,3 +287,81 @@ fn damaged_compressed_units_are_errors_naming_the_record_and_bytes() {
         }
     }
 }
+
+/// Files fragmented enough that their $DATA runs spill into a second MFT
+/// record through an attribute list: a compressed one (a run of data and
+/// a hole per unit, 129 units) and a plain sparse one (4 KiB of data every
+/// 8 KiB). The `ntfs` crate alone reads these from their second piece.
+#[test]
+fn files_split_by_an_attribute_list() {
+    need("ntfsinfo");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(src.join("compressed")).unwrap();
+    let mut x = 1u64;
+    let mut next = move || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        x >> 33
+    };
+    let vocab: [&[u8]; 5] = [b"alpha ", b"bravo ", b"charlie ", b"delta ", b"echo "];
+    let mut text = Vec::with_capacity(8 << 20);
+    while text.len() < (8 << 20) + 333 {
+        text.extend_from_slice(vocab[next() as usize % 5]);
+    }
+    text.truncate((8 << 20) + 333);
+    std::fs::write(src.join("compressed/frag.txt"), &text).unwrap();
+    // 400 pieces of 4 KiB, 8 KiB apart, with holes between them.
+    let sparse_len = 400 * 8192 - 4096 + 77;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(src.join("frag-sparse.bin")).unwrap();
+        f.set_len(sparse_len).unwrap();
+        for i in 0..400u64 {
+            let piece: Vec<u8> = (0..4096).map(|_| next() as u8 | 1).collect();
+            f.write_all_at(&piece, i * 8192).unwrap();
+        }
+    }
+    let sparse = std::fs::read(src.join("frag-sparse.bin")).unwrap();
+    let img = tmp.path().join("d.img");
+    mkdisk(
+        &img,
+        "64M",
+        "none",
+        &[format!("ntfs:rest:{}", src.display())],
+    );
+    let vols = open(&img);
+    let fs = fs_of(&vols, "whole");
+    for (path, want) in [
+        ("/compressed/frag.txt", &text),
+        ("/frag-sparse.bin", &sparse),
+    ] {
+        let info = tool_output(Command::new("ntfsinfo").args(["-v", "-F", path]).arg(&img));
+        let info = String::from_utf8_lossy(&info);
+        assert!(
+            info.contains("$ATTRIBUTE_LIST")
+                && info.matches("Dumping attribute $DATA").count() >= 2,
+            "{path}: ntfs-3g split $DATA over records:\n{info}"
+        );
+        let mut node = fs.root();
+        for part in path[1..].split('/') {
+            node = fs.lookup(node, part.as_bytes()).unwrap().unwrap();
+        }
+        assert_eq!(
+            fs.attr(node).unwrap().size,
+            want.len() as u64,
+            "{path}: size"
+        );
+        let got = read_all(&**fs, node, want.len() as u64);
+        assert!(&got == want, "{path}: contents differ");
+        let n = want.len();
+        for (off, len) in [(n - 70000, 99999), (n / 2 + 4095, 8194), (4095, 2)] {
+            let g = read_at(&**fs, node, off as u64, len);
+            assert!(
+                g == want[off..(off + len).min(n)],
+                "{path}: {len} bytes at {off}"
+            );
+        }
+    }
+}
