@@ -36,6 +36,7 @@ TOOLS=(
     "python3 python3"
     "mountpoint util-linux"
     "ntfsinfo ntfs-3g"
+    "ntfscat ntfs-3g"
 )
 # Debian packages that provide no command of their own to look for.
 LIBRARY_PACKAGES=(python3-libnbd)

@@ -739,7 +739,11 @@ impl Ext4 {
                 self.parse_dir_block(dir, &x, &mut raw)?;
             }
         } else {
-            let data = self.read_all(dir, &ino, MAX_DIR_BYTES)?;
+            // A directory has no holes: its size cannot exceed what it has
+            // allocated (a damaged size must not make us allocate gigabytes).
+            let limit =
+                MAX_DIR_BYTES.min(ino.blocks512.saturating_mul(512).saturating_add(self.bs));
+            let data = self.read_all(dir, &ino, limit)?;
             for b in data.chunks(self.bs as usize) {
                 self.parse_dir_block(dir, b, &mut raw)?;
             }

@@ -233,6 +233,14 @@ impl Fat {
                 let mut v = Vec::new();
                 for e in dh.iter() {
                     let e = e?;
+                    // A FAT directory holds at most 65536 slots; more means
+                    // its cluster chain loops.
+                    if v.len() > 65536 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("directory '/{}' has more entries than FAT allows: its cluster chain loops", d.path),
+                        ));
+                    }
                     let name = fix_case(e.file_name(), &e.short_file_name());
                     if name == "." || name == ".." || name.is_empty() {
                         continue;

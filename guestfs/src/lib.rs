@@ -24,7 +24,9 @@ mod disk;
 mod ext4;
 mod fat;
 mod jbd2;
+mod lznt1;
 mod ntfs;
+mod ntfs_compressed;
 pub mod part;
 
 pub use disk::{CachedDisk, FileDisk, MemDisk, SliceDisk};
@@ -254,7 +256,7 @@ fn unknown_reason(meta: &dyn ReadAt, head: &[u8]) -> String {
     // A zeroed ext superblock with intact backups is a common damage.
     for (bs, blk) in [(1024u64, 8193u64), (2048, 16384), (4096, 32768)] {
         let mut m = [0u8; 2];
-        let off = blk * bs + 56 + if bs == 1024 { 0 } else { 0 };
+        let off = blk * bs + 56;
         if meta.read_exact_at(&mut m, off).is_ok() && u16::from_le_bytes(m) == 0xEF53 {
             return format!(
                 "no filesystem signature at the start, but a backup ext2/3/4 superblock is at block {blk} ({bs}-byte blocks): \

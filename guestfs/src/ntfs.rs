@@ -11,19 +11,29 @@
 //! 0777 for symlinks. Symlinks are Windows symlinks and junctions (reparse
 //! points, `\` turned into `/`), WSL symlinks, and Interix symlinks (what
 //! ntfs-3g writes). Metafiles (`$MFT`, `$Extend`, ...) are hidden.
-//! Compressed and encrypted files list with their size, but reading them
-//! fails with an error that says so: the crate does not decompress LZNT1.
+//! Compressed files are read by our own code ([`crate::ntfs_compressed`],
+//! LZNT1 in [`crate::lznt1`]): the crate does not decompress. Recently
+//! decompressed units and each compressed file's data runs are cached.
+//! A $DATA split over several records by an attribute list (a very
+//! fragmented file) is also gathered and read by us: the crate 0.4 starts
+//! it at its second piece, with size 0, when the first is in the base
+//! record.
+//! Encrypted (EFS) files list with their size, but reading them fails with
+//! an error that says so.
 
 use std::io::{self, SeekFrom};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ntfs::structured_values::{NtfsFileAttributeFlags, NtfsFileNamespace};
+use ntfs::attribute_value::{NtfsAttributeValue, NtfsNonResidentAttributeValue};
+use ntfs::structured_values::{NtfsAttributeList, NtfsFileAttributeFlags, NtfsFileNamespace};
+use ntfs::types::NtfsPosition;
 use ntfs::{NtfsAttributeFlags, NtfsAttributeType, NtfsFile, NtfsReadSeek};
 
 use crate::cache::{Listing, Lru, DIR_CACHE_ENTRIES};
 use crate::disk::Cursor;
+use crate::ntfs_compressed::{Layout, Run, RunMap};
 use crate::{Attr, DirEntry, Disk, GuestFs, Kind, NodeId};
 
 const ROOT: NodeId = 5;
@@ -31,11 +41,24 @@ const INTERIX: &[u8] = b"IntxLNK\x01";
 const TAG_SYMLINK: u32 = 0xA000_000C;
 const TAG_MOUNT_POINT: u32 = 0xA000_0003;
 const TAG_LX_SYMLINK: u32 = 0xA000_001D;
+/// Offset of the compression unit exponent in a non-resident attribute
+/// header.
+const COMPRESSION_UNIT_AT: u64 = 0x22;
+/// Decompressed units kept, in bytes (32 units of 64 KiB): sequential
+/// reads smaller than a unit decompress it once, several readers at once
+/// keep theirs.
+const UNIT_CACHE_BYTES: usize = 2 << 20;
+/// Data runs kept for files we read ourselves, in runs.
+const MAP_CACHE_RUNS: usize = 1 << 18;
 
 pub struct Ntfs {
     ntfs: ntfs::Ntfs,
     dev: Disk,
     dirs: Lru<NodeId, Arc<Listing>>,
+    /// How to read compressed files and files split by an attribute list.
+    maps: Lru<NodeId, Arc<DataMap>>,
+    /// Decompressed units: (file, unit index) -> file bytes.
+    units: Lru<(NodeId, u64), Arc<[u8]>>,
 }
 
 fn err(e: ntfs::NtfsError) -> io::Error {
@@ -130,6 +153,8 @@ impl Ntfs {
             ntfs,
             dev,
             dirs: Lru::new(DIR_CACHE_ENTRIES),
+            maps: Lru::new(MAP_CACHE_RUNS),
+            units: Lru::new(UNIT_CACHE_BYTES),
         };
         me.list(ROOT)
             .map_err(|e| format!("cannot list the NTFS root directory: {e}"))?;
@@ -261,6 +286,260 @@ impl Ntfs {
     }
 }
 
+/// The unnamed $DATA of a file split by an attribute list (see
+/// [`Ntfs::listed_data`]).
+struct Listed {
+    size: u64,
+    flags: NtfsAttributeFlags,
+    /// Position of the first piece's header.
+    at: NtfsPosition,
+    map: RunMap,
+}
+
+/// How we read a file's data ourselves instead of through the crate.
+enum DataMap {
+    /// Compressed (LZNT1 units).
+    Compressed(Layout),
+    /// Plain, split by an attribute list.
+    Plain { size: u64, map: RunMap },
+}
+
+impl DataMap {
+    fn size(&self) -> u64 {
+        match self {
+            DataMap::Compressed(l) => l.size,
+            DataMap::Plain { size, .. } => *size,
+        }
+    }
+
+    fn weight(&self) -> usize {
+        match self {
+            DataMap::Compressed(l) => l.weight(),
+            DataMap::Plain { map, .. } => map.weight(),
+        }
+    }
+}
+
+fn encrypted(node: NodeId) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!("NTFS file record {node} is encrypted (EFS): its contents cannot be read without the user's key"),
+    )
+}
+
+/// Appends the data runs of one non-resident attribute (or one piece of it
+/// when an attribute list splits it) that starts at cluster `vcn`.
+fn push_runs(
+    v: &NtfsNonResidentAttributeValue,
+    mut vcn: u64,
+    cluster: u64,
+    runs: &mut Vec<Run>,
+) -> io::Result<()> {
+    for r in v.data_runs() {
+        let r = r.map_err(err)?;
+        let clusters = r.allocated_size() / cluster;
+        // The crate gives no position for a sparse run (nor for LCN 0,
+        // the boot sector, which never holds file data).
+        let at = r.data_position().value().map(|p| p.get());
+        runs.push(Run { vcn, clusters, at });
+        vcn = vcn.checked_add(clusters).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, "NTFS: a data run is too long")
+        })?;
+    }
+    Ok(())
+}
+
+impl Ntfs {
+    /// The compression unit exponent of the attribute at `pos`, read from
+    /// the volume: the crate keeps it private. Attributes are 8-byte
+    /// aligned in their record, so this byte is never one that the
+    /// record's update sequence (fixups, the last 2 bytes of every 512)
+    /// replaced on disk.
+    fn unit_exponent(&self, node: NodeId, pos: NtfsPosition) -> io::Result<u8> {
+        let bad = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("NTFS file record {node}: {why}"),
+            )
+        };
+        let p = pos
+            .value()
+            .ok_or_else(|| bad("the compressed $DATA attribute has no position"))?
+            .get();
+        if p % 8 != 0 {
+            return Err(bad("the compressed $DATA attribute is not 8-byte aligned"));
+        }
+        let mut b = [0u8; 1];
+        self.dev.read_exact_at(&mut b, p + COMPRESSION_UNIT_AT)?;
+        Ok(b[0])
+    }
+
+    /// The unnamed $DATA when an attribute list splits it over several
+    /// records, gathered by us: the `ntfs` crate 0.4 starts such a value at
+    /// its second piece (with size 0) when the first is in the base record.
+    /// None when there is no list or the data is resident.
+    fn listed_data(
+        &self,
+        node: NodeId,
+        c: &mut Cursor,
+        f: &NtfsFile,
+    ) -> io::Result<Option<Listed>> {
+        let bad = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("NTFS file record {node}: {why}"),
+            )
+        };
+        let cluster = self.ntfs.cluster_size() as u64;
+        for a in f.attributes_raw() {
+            let a = a.map_err(err)?;
+            if a.ty().map_err(err)? != NtfsAttributeType::AttributeList {
+                continue;
+            }
+            let list = a.structured_value::<_, NtfsAttributeList>(c).map_err(err)?;
+            let mut entries = list.entries();
+            let mut first = None;
+            let mut runs = Vec::new();
+            while let Some(e) = entries.next(c) {
+                let e = e.map_err(err)?;
+                if e.ty().map_err(err)? != NtfsAttributeType::Data || e.name_length() != 0 {
+                    continue;
+                }
+                let vcn = u64::try_from(e.lowest_vcn().value())
+                    .map_err(|_| bad("an attribute list entry starts at a negative cluster"))?;
+                let file = e.to_file(&self.ntfs, c).map_err(err)?;
+                let piece = e.to_attribute(&file).map_err(err)?;
+                if vcn == 0 {
+                    if piece.is_resident() {
+                        return Ok(None);
+                    }
+                    first = Some((piece.value_length(), piece.flags(), piece.position()));
+                }
+                match piece.value(c).map_err(err)? {
+                    NtfsAttributeValue::NonResident(v) => push_runs(&v, vcn, cluster, &mut runs)?,
+                    _ => return Err(bad("a piece of the listed $DATA attribute is resident")),
+                }
+            }
+            if runs.is_empty() && first.is_none() {
+                return Ok(None);
+            }
+            let (size, flags, at) =
+                first.ok_or_else(|| bad("the attribute list has no first piece of $DATA"))?;
+            let map = RunMap::new(runs, cluster).map_err(|e| bad(&e))?;
+            return Ok(Some(Listed {
+                size,
+                flags,
+                at,
+                map,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// The data map of a compressed attribute (`at` is its header).
+    fn compressed_map(
+        &self,
+        node: NodeId,
+        map: RunMap,
+        at: NtfsPosition,
+        size: u64,
+    ) -> io::Result<DataMap> {
+        let exponent = self.unit_exponent(node, at)?;
+        let l = Layout::new(map, exponent, size).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("NTFS file record {node}: {e}"),
+            )
+        })?;
+        Ok(DataMap::Compressed(l))
+    }
+
+    /// Caches a data map; returns it shared.
+    fn keep_map(&self, node: NodeId, m: DataMap) -> Arc<DataMap> {
+        let m = Arc::new(m);
+        self.maps.insert(node, m.clone(), m.weight());
+        m
+    }
+
+    /// The size of the unnamed $DATA stream.
+    fn data_size(&self, node: NodeId, c: &mut Cursor, f: &NtfsFile) -> io::Result<u64> {
+        if let Some(m) = self.maps.get(&node) {
+            return Ok(m.size());
+        }
+        if let Some(l) = self.listed_data(node, c, f)? {
+            return Ok(l.size);
+        }
+        Ok(match f.data(c, "") {
+            Some(item) => item
+                .map_err(err)?
+                .to_attribute()
+                .map_err(err)?
+                .value_length(),
+            None => 0,
+        })
+    }
+
+    /// Reads through a [`DataMap`].
+    fn read_map(
+        &self,
+        node: NodeId,
+        m: &DataMap,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<usize> {
+        match m {
+            DataMap::Plain { size, map } => map.read_plain(
+                &*self.dev,
+                *size,
+                offset,
+                buf,
+                &format!("NTFS file record {node}"),
+            ),
+            DataMap::Compressed(l) => {
+                if offset >= l.size {
+                    return Ok(0);
+                }
+                let want = (l.size - offset).min(buf.len() as u64) as usize;
+                self.read_compressed(node, l, offset, &mut buf[..want])
+            }
+        }
+    }
+
+    /// Fills `buf` from `offset` (both within the file), one compression
+    /// unit at a time, through the unit cache.
+    fn read_compressed(
+        &self,
+        node: NodeId,
+        layout: &Layout,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> io::Result<usize> {
+        let ub = layout.unit_bytes();
+        let mut done = 0;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let k = pos / ub;
+            let unit = match self.units.get(&(node, k)) {
+                Some(u) => u,
+                None => {
+                    let what = format!("NTFS file record {node}");
+                    let u: Arc<[u8]> = layout.read_unit(&*self.dev, k, &what)?.into();
+                    self.units.insert((node, k), u.clone(), u.len() + 64);
+                    u
+                }
+            };
+            let o = (pos - k * ub) as usize;
+            if o >= unit.len() {
+                break;
+            }
+            let n = (unit.len() - o).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&unit[o..o + n]);
+            done += n;
+        }
+        Ok(done)
+    }
+}
+
 impl GuestFs for Ntfs {
     fn format(&self) -> &'static str {
         "ntfs"
@@ -279,14 +558,7 @@ impl GuestFs for Ntfs {
             let size = match kind {
                 Kind::Dir => 0,
                 Kind::Symlink => target.as_ref().map_or(0, |t| t.len() as u64),
-                _ => match f.data(&mut c, "") {
-                    Some(item) => item
-                        .map_err(err)?
-                        .to_attribute()
-                        .map_err(err)?
-                        .value_length(),
-                    None => 0,
-                },
+                _ => self.data_size(node, &mut c, &f)?,
             };
             let ro = info
                 .file_attributes()
@@ -327,6 +599,23 @@ impl GuestFs for Ntfs {
             if f.is_directory() {
                 return Err(io::Error::from_raw_os_error(libc::EISDIR));
             }
+            if let Some(m) = self.maps.get(&node) {
+                return self.read_map(node, &m, offset, buf);
+            }
+            if let Some(l) = self.listed_data(node, &mut c, &f)? {
+                if l.flags.contains(NtfsAttributeFlags::ENCRYPTED) {
+                    return Err(encrypted(node));
+                }
+                let m = if l.flags.contains(NtfsAttributeFlags::COMPRESSED) {
+                    self.compressed_map(node, l.map, l.at, l.size)?
+                } else {
+                    DataMap::Plain {
+                        size: l.size,
+                        map: l.map,
+                    }
+                };
+                return self.read_map(node, &self.keep_map(node, m), offset, buf);
+            }
             let Some(item) = f.data(&mut c, "") else {
                 return Ok(0);
             };
@@ -337,17 +626,29 @@ impl GuestFs for Ntfs {
                 return Ok(0);
             }
             let fl = a.flags();
-            if fl.contains(NtfsAttributeFlags::COMPRESSED) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("NTFS file record {node} is compressed (LZNT1), which this reader cannot decompress"),
-                ));
-            }
             if fl.contains(NtfsAttributeFlags::ENCRYPTED) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Unsupported,
-                    format!("NTFS file record {node} is encrypted (EFS): its contents cannot be read without the user's key"),
-                ));
+                return Err(encrypted(node));
+            }
+            if fl.contains(NtfsAttributeFlags::COMPRESSED) && !a.is_resident() {
+                let cluster = self.ntfs.cluster_size() as u64;
+                let mut runs = Vec::new();
+                match a.value(&mut c).map_err(err)? {
+                    NtfsAttributeValue::NonResident(v) => push_runs(&v, 0, cluster, &mut runs)?,
+                    _ => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("NTFS file record {node}: the compressed $DATA attribute has no data runs of its own"),
+                        ))
+                    }
+                }
+                let map = RunMap::new(runs, cluster).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("NTFS file record {node}: {e}"),
+                    )
+                })?;
+                let m = self.compressed_map(node, map, a.position(), len)?;
+                return self.read_map(node, &self.keep_map(node, m), offset, buf);
             }
             let want = (len - offset).min(buf.len() as u64) as usize;
             let mut v = a.value(&mut c).map_err(err)?;

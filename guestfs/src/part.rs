@@ -239,7 +239,7 @@ fn gpt_at(disk: &dyn ReadAt, sector: u64, lba: u64) -> Result<Option<Vec<Partiti
     let entries_lba = le64(&h, 72);
     let count = le32(&h, 80) as u64;
     let esize = le32(&h, 84) as u64;
-    if esize < 128 || esize % 8 != 0 || esize > 4096 {
+    if esize < 128 || !esize.is_multiple_of(8) || esize > 4096 {
         return Err(format!(
             "partition entry size {esize} is invalid (want a multiple of 8, 128..4096)"
         ));
