@@ -94,7 +94,11 @@ fn io_errno(what: &str, e: &io::Error) -> Errno {
 
 fn file_type(k: Kind) -> FileType {
     match k {
-        Kind::File | Kind::Other => FileType::RegularFile,
+        Kind::File => FileType::RegularFile,
+        Kind::Fifo => FileType::NamedPipe,
+        Kind::Socket => FileType::Socket,
+        Kind::CharDevice => FileType::CharDevice,
+        Kind::BlockDevice => FileType::BlockDevice,
         Kind::Dir => FileType::Directory,
         Kind::Symlink => FileType::Symlink,
     }
@@ -292,7 +296,7 @@ impl RestoreFs {
             nlink: a.nlink.max(1),
             uid: a.uid,
             gid: a.gid,
-            rdev: 0,
+            rdev: a.rdev,
             blksize: 4096,
             flags: 0,
         })

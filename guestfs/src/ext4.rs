@@ -60,6 +60,12 @@ fn be32(b: &[u8], o: usize) -> u32 {
     u32::from_be_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
 
+/// Linux's 32-bit device number encoding (what `stat` shows as `st_rdev`
+/// for majors and minors that fit).
+fn makedev(major: u32, minor: u32) -> u32 {
+    ((major & 0xfff) << 8) | (minor & 0xff) | ((minor & !0xff) << 12)
+}
+
 fn corrupt(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
@@ -100,12 +106,35 @@ struct Inode {
 }
 
 impl Inode {
+    /// A device node's number, in Linux's `makedev` encoding. ext4 keeps it
+    /// in the block map: the old 16-bit form in the first word, or (when that
+    /// is 0) the new 32-bit form in the second.
+    fn rdev(&self) -> u32 {
+        if !matches!(self.kind(), Kind::CharDevice | Kind::BlockDevice) {
+            return 0;
+        }
+        let w0 = le32(&self.iblock, 0);
+        if w0 != 0 {
+            let (major, minor) = ((w0 >> 8) & 0xff, w0 & 0xff);
+            return makedev(major, minor);
+        }
+        let w1 = le32(&self.iblock, 4);
+        let major = (w1 & 0xfff00) >> 8;
+        let minor = (w1 & 0xff) | ((w1 >> 12) & 0xfff00);
+        makedev(major, minor)
+    }
+
     fn kind(&self) -> Kind {
         match self.mode & 0xF000 {
             0x8000 => Kind::File,
             0x4000 => Kind::Dir,
             0xA000 => Kind::Symlink,
-            _ => Kind::Other,
+            0x1000 => Kind::Fifo,
+            0xC000 => Kind::Socket,
+            0x2000 => Kind::CharDevice,
+            0x6000 => Kind::BlockDevice,
+            // Not a type ext4 writes: treat as an empty file.
+            _ => Kind::File,
         }
     }
 }
@@ -588,9 +617,17 @@ impl Ext4 {
         dev: &dyn ReadAt,
     ) -> io::Result<()> {
         if ino.flags & FL_INLINE_DATA != 0 {
+            // Inline data lives in the inode (60 bytes) and its in-inode
+            // xattr; a size claiming more is damage.
             let mut d = ino.iblock.to_vec();
             d.extend(Self::inline_xattr(ino));
-            d.resize(ino.size.max(d.len() as u64) as usize, 0);
+            if ino.size > d.len() as u64 {
+                return Err(corrupt(format!(
+                    "inode {node}: inline data of {} bytes claimed, the inode holds at most {}",
+                    ino.size,
+                    d.len()
+                )));
+            }
             let o = offset as usize;
             buf.copy_from_slice(&d[o..o + buf.len()]);
             return Ok(());
@@ -754,8 +791,11 @@ impl Ext4 {
                 1 => Kind::File,
                 2 => Kind::Dir,
                 7 => Kind::Symlink,
-                3..=6 => Kind::Other,
-                _ => self.inode(node).map(|i| i.kind()).unwrap_or(Kind::Other),
+                3 => Kind::CharDevice,
+                4 => Kind::BlockDevice,
+                5 => Kind::Fifo,
+                6 => Kind::Socket,
+                _ => self.inode(node).map(|i| i.kind()).unwrap_or(Kind::File),
             };
             entries.push(DirEntry { name, node, kind });
         }
@@ -779,7 +819,10 @@ impl GuestFs for Ext4 {
         let kind = i.kind();
         Ok(Attr {
             kind,
-            size: if kind == Kind::Other { 0 } else { i.size },
+            size: match kind {
+                Kind::File | Kind::Dir | Kind::Symlink => i.size,
+                _ => 0,
+            },
             perm: i.mode & 0o7777,
             uid: i.uid,
             gid: i.gid,
@@ -788,6 +831,7 @@ impl GuestFs for Ext4 {
             mtime: i.mtime,
             ctime: i.ctime,
             blocks: i.blocks512,
+            rdev: i.rdev(),
         })
     }
 

@@ -337,6 +337,7 @@ impl GuestFs for Fat {
             mtime: n.mtime,
             ctime: n.ctime,
             blocks: n.size.div_ceil(512),
+            rdev: 0,
         })
     }
 

@@ -52,8 +52,14 @@ pub enum Kind {
     File,
     Dir,
     Symlink,
-    /// Devices, fifos, sockets: listed, with size 0 and no data.
-    Other,
+    /// Named pipe (size 0, no data).
+    Fifo,
+    /// Unix socket (size 0, no data).
+    Socket,
+    /// Character device; its number is [`Attr::rdev`].
+    CharDevice,
+    /// Block device; its number is [`Attr::rdev`].
+    BlockDevice,
 }
 
 /// The guest's view of a node.
@@ -73,6 +79,9 @@ pub struct Attr {
     /// Allocated size in 512-byte units (smaller than `size / 512` for a
     /// sparse file).
     pub blocks: u64,
+    /// Device number of a device node, as Linux encodes it (`makedev`);
+    /// 0 otherwise.
+    pub rdev: u32,
 }
 
 /// One entry of a directory listing.

@@ -580,6 +580,7 @@ impl GuestFs for Ntfs {
                 mtime: nt_time(info.modification_time()),
                 ctime: nt_time(info.mft_record_modification_time()),
                 blocks: size.div_ceil(512),
+                rdev: 0,
             })
         })
     }

@@ -201,3 +201,66 @@ fn a_disk_with_nothing_on_it_is_one_whole_volume_with_a_reason() {
     let vols = open(&img);
     assert!(vols[0].fs.as_ref().err().unwrap().contains("too small"));
 }
+
+/// Fifos, sockets and device nodes keep their type and device number (what
+/// `stat` of the source shows), with no data.
+#[test]
+fn ext4_special_files_keep_their_type_and_device_number() {
+    use chainvault_guestfs::Kind;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let mk = |args: &[&str]| {
+        let st = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .current_dir(&src)
+            .status()
+            .unwrap();
+        assert!(
+            st.success(),
+            "{args:?} failed (coreutils; needs root for mknod)"
+        );
+    };
+    mk(&["mkfifo", "pipe"]);
+    mk(&["mknod", "null", "c", "1", "3"]);
+    // A device number that needs the new (32-bit) encoding.
+    mk(&["mknod", "big", "b", "259", "300"]);
+    let sock = std::os::unix::net::UnixListener::bind(src.join("sock")).unwrap();
+    let img = t.path().join("d.img");
+    mkdisk(
+        &img,
+        "16M",
+        "none",
+        &[format!("ext4:rest:{}", src.display())],
+    );
+    drop(sock);
+    let vols = open(&img);
+    let fs = fs_of(&vols, "whole");
+    let mut seen = 0;
+    for e in fs.read_dir(fs.root()).unwrap().iter() {
+        let name = String::from_utf8(e.name.clone()).unwrap();
+        if name == "lost+found" {
+            continue;
+        }
+        let meta = std::fs::symlink_metadata(src.join(&name)).unwrap();
+        let ft = meta.file_type();
+        let want = if ft.is_fifo() {
+            Kind::Fifo
+        } else if ft.is_socket() {
+            Kind::Socket
+        } else if ft.is_char_device() {
+            Kind::CharDevice
+        } else if ft.is_block_device() {
+            Kind::BlockDevice
+        } else {
+            continue;
+        };
+        let a = fs.attr(e.node).unwrap();
+        assert_eq!((e.kind, a.kind), (want, want), "{name}");
+        assert_eq!(a.rdev as u64, meta.rdev(), "{name}: device number");
+        assert_eq!(a.size, 0, "{name}");
+        seen += 1;
+    }
+    assert_eq!(seen, 4, "pipe, null, big and sock must all be listed");
+}

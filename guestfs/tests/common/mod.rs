@@ -4,7 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
@@ -228,8 +228,14 @@ fn compare_dir(fs: &dyn GuestFs, dir: NodeId, src: &Path, p: Profile, top: bool,
             Kind::Symlink
         } else if ft.is_file() {
             Kind::File
+        } else if ft.is_fifo() {
+            Kind::Fifo
+        } else if ft.is_socket() {
+            Kind::Socket
+        } else if ft.is_char_device() {
+            Kind::CharDevice
         } else {
-            Kind::Other
+            Kind::BlockDevice
         };
         assert_eq!(a.kind, want_kind, "{}: kind", path.display());
         // owners and modes
@@ -333,7 +339,7 @@ fn compare_dir(fs: &dyn GuestFs, dir: NodeId, src: &Path, p: Profile, top: bool,
                     }
                 }
             }
-            Kind::Other => {}
+            Kind::Fifo | Kind::Socket | Kind::CharDevice | Kind::BlockDevice => {}
         }
     }
 }
