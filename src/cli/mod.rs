@@ -1,5 +1,6 @@
 //! Command-line interface (clap).
 
+pub mod backup;
 pub mod export;
 pub mod image;
 pub mod inspect;
@@ -36,6 +37,9 @@ pub enum Command {
     /// Repository catalog maintenance.
     #[command(subcommand)]
     Catalog(inspect::CatalogCmd),
+    /// Back up a VM's disks into a daemon: full, or incremental from QEMU
+    /// dirty bitmaps (the reference transfer client).
+    Backup(backup::BackupArgs),
 }
 
 /// Set up logging to stderr.
@@ -64,5 +68,6 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Backups(c) => inspect::run_backups(c),
         Command::Chain(c) => inspect::run_chain(c),
         Command::Catalog(c) => inspect::run_catalog(c),
+        Command::Backup(a) => backup::run(a),
     }
 }
