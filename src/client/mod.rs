@@ -289,6 +289,7 @@ async fn run_inner(opts: &Options, report: &mut BackupReport) -> Result<u8, Fail
     }
 
     // Each disk's previous change_id, and whether its source still has it.
+    let generated = bitmap::auto_name(&opts.bitmap_prefix);
     let mut prepared = Vec::new();
     for (d, kind) in opts.disks.iter().zip(kinds) {
         let previous = api
@@ -304,7 +305,7 @@ async fn run_inner(opts: &Options, report: &mut BackupReport) -> Result<u8, Fail
                 .and_then(|b| b.disks.into_iter().find(|x| x.disk_id == d.disk_id))
                 .map(|x| x.capacity_bytes)
         };
-        let p = prepare(opts, d.clone(), kind, previous, prev_capacity).await;
+        let p = prepare(opts, d.clone(), kind, previous, prev_capacity, &generated).await;
         match p {
             Ok(p) => prepared.push(p),
             Err(f) => {
@@ -417,7 +418,11 @@ async fn run_inner(opts: &Options, report: &mut BackupReport) -> Result<u8, Fail
                 source: p.arg.source.clone(),
                 status: "not completed".into(),
                 mode: Some(mode_name(target.mode).into()),
-                reason: target.reason.clone().or(p.fallback.clone()),
+                // Why (the client's finding), then how (the daemon's answer).
+                reason: match (&p.fallback, &target.reason) {
+                    (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                    (a, b) => a.clone().or(b.clone()),
+                },
                 compare_with_parent: target.compare_with_parent,
                 previous_change_id: target.previous_change_id.clone(),
                 backup_id: Some(started.backup_id.clone()),
@@ -605,6 +610,7 @@ async fn prepare(
     kind: SourceKind,
     previous: ChangeIdResponse,
     prev_capacity: Option<u64>,
+    generated: &str,
 ) -> Result<Prepared, Failure> {
     let prev = previous.change_id.clone();
     let prev_is_ours = bitmap::is_checkpoint_name(&prev);
@@ -702,8 +708,9 @@ async fn prepare(
                 let n = match &opts.bitmap {
                     Some(n) => n.clone(),
                     None => {
-                        // A generated name never collides: add a counter if needed.
-                        let base = bitmap::auto_name(&opts.bitmap_prefix);
+                        // One generated name for every disk of the run; it
+                        // never collides: add a counter if needed.
+                        let base = generated.to_string();
                         let mut n = base.clone();
                         let mut i = 1;
                         while info.bitmap(&n).is_some() {

@@ -265,10 +265,27 @@ impl Source {
             list_meta_contexts: vec![DIRTY_BITMAP_PREFIX.to_string()],
             ..ConnectOptions::default()
         };
-        let client = tokio::time::timeout(Duration::from_secs(60), Client::connect_uri(&parsed, opts))
+        // Our own qemu-nbd binds its socket a moment before it listens.
+        let retry_until =
+            Instant::now() + Duration::from_secs(if server.is_some() { 10 } else { 0 });
+        let client = loop {
+            let r = tokio::time::timeout(
+                Duration::from_secs(60),
+                Client::connect_uri(&parsed, opts.clone()),
+            )
             .await
-            .map_err(|_| format!("connecting to the source {uri}: no answer within 60 s (is another client connected? qemu-nbd serves one client unless started with -e N)"))?
-            .map_err(|e| format!("connecting to the source {uri}: {e}"))?;
+            .map_err(|_| format!("connecting to the source {uri}: no answer within 60 s (is another client connected? qemu-nbd serves one client unless started with -e N)"))?;
+            match r {
+                Ok(c) => break c,
+                Err(chainvault_nbd::ClientError::Io(e))
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && Instant::now() < retry_until =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => return Err(format!("connecting to the source {uri}: {e}")),
+            }
+        };
         Ok(Source::Nbd {
             client,
             server: server.map(Box::new),
