@@ -591,7 +591,7 @@ async fn abandon(ctx: &Ctx, reason: &str) -> bool {
     match ctx.api.fail(&ctx.backup_id, reason).await {
         Ok(_) => false,
         Err(e @ ApiError::Unreachable { .. }) => {
-            tracing::warn!(backup = %ctx.backup_id, error = %e, "could not fail the backup");
+            tracing::info!(backup = %ctx.backup_id, error = %e, "could not fail the backup");
             true
         }
         Err(e) => {
@@ -853,7 +853,7 @@ async fn run_disk(
         .unwrap_or_else(|| format!("{NO_CHECKPOINT_PREFIX}{}", ctx.backup_id));
     if let Err(e) = result {
         close(source).await;
-        lock(&state.report).error = Some(e.message.clone());
+        lock(&state.report).error = Some(strip_disk(&e.message, d));
         return Err(e);
     }
     // Complete while the source is still open: an exported bitmap is busy in
@@ -872,7 +872,7 @@ async fn run_disk(
                 message: format!("disk {d}: completion refused: {e}"),
                 daemon_gone: matches!(e, ApiError::Unreachable { .. }),
             };
-            lock(&state.report).error = Some(f.message.clone());
+            lock(&state.report).error = Some(strip_disk(&f.message, d));
             return Err(f);
         }
     };
@@ -903,6 +903,13 @@ async fn run_disk(
         }
     }
     Ok(())
+}
+
+/// A message without its leading "disk N: " (the report line names the disk).
+fn strip_disk(m: &str, d: u32) -> String {
+    m.strip_prefix(&format!("disk {d}: "))
+        .unwrap_or(m)
+        .to_string()
 }
 
 /// Close a source once the transfer's workers have let go of it.

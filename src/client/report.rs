@@ -85,9 +85,6 @@ impl BackupReport {
             self.status,
             secs(self.seconds)
         ));
-        if let Some(e) = &self.error {
-            o.push_str(&format!("error: {e}\n"));
-        }
         if !self.disks.is_empty() {
             o.push_str(&format!(
                 "{:<5} {:<12} {:<10} {:>11} {:>11} {:>11} {:>9} {:>8} {:>12}  {}\n",

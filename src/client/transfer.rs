@@ -52,16 +52,19 @@ impl RateLimit {
     }
 
     /// Account for `n` bytes and wait until sending them keeps the average
-    /// rate at the limit.
-    pub async fn take(&self, n: u64) {
+    /// rate at the limit, or until `stop` is set.
+    pub async fn take(&self, n: u64, stop: &AtomicBool) {
         let due = {
             let mut s = self.sent.lock().unwrap_or_else(|p| p.into_inner());
             *s += n;
             Duration::from_secs_f64(*s as f64 / self.bytes_per_sec as f64)
         };
-        let elapsed = self.start.elapsed();
-        if due > elapsed {
-            tokio::time::sleep(due - elapsed).await;
+        loop {
+            let elapsed = self.start.elapsed();
+            if due <= elapsed || stop.load(Ordering::Relaxed) {
+                return;
+            }
+            tokio::time::sleep((due - elapsed).min(Duration::from_millis(100))).await;
         }
     }
 }
@@ -185,7 +188,10 @@ pub async fn copy(
                     match p.kind {
                         Kind::Data => {
                             if let Some(l) = &limit {
-                                l.take(p.len).await;
+                                l.take(p.len, &stop).await;
+                                if stop.load(Ordering::Relaxed) {
+                                    return Ok(());
+                                }
                             }
                             let buf =
                                 source.read(p.offset, p.len).await.map_err(|m| CopyError {
@@ -255,8 +261,9 @@ mod tests {
     async fn rate_limit_paces() {
         let l = RateLimit::new(10 << 20);
         let t0 = Instant::now();
+        let stop = AtomicBool::new(false);
         for _ in 0..4 {
-            l.take(1 << 20).await;
+            l.take(1 << 20, &stop).await;
         }
         // 4 MiB at 10 MiB/s: about 0.4 s.
         let e = t0.elapsed();
