@@ -25,6 +25,7 @@ fn pgrep(pattern: &str) -> Vec<String> {
 #[test]
 fn client_killed_mid_transfer() {
     client_tools();
+    need("pgrep", "procps");
     let tmp = tempfile::tempdir().unwrap();
     let d = Daemon::start_with(&tmp.path().join("data"), &["--disk-timeout", "3s"], &[]);
     let src = tmp.path().join("vda.qcow2");
