@@ -27,6 +27,12 @@ use crate::proto::{
     RequestHeader, MAX_STRING_LEN,
 };
 
+/// Prefix of QEMU's dirty bitmap metadata contexts (`qemu:dirty-bitmap:NAME`).
+pub const DIRTY_BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
+/// Extent flag of a `qemu:dirty-bitmap:NAME` context: the extent was written
+/// since the bitmap was created (bit 0, QEMU's docs/interop/nbd.txt).
+pub const STATE_DIRTY: u32 = 1 << 0;
+
 /// Default NBD TCP port.
 pub const DEFAULT_PORT: u16 = 10809;
 /// Longest option reply payload the client accepts.
@@ -290,8 +296,17 @@ pub struct ConnectOptions {
     /// Ask for structured replies (if extended headers are off or refused).
     pub structured_replies: bool,
     /// Metadata contexts to select (needs structured replies or extended
-    /// headers). Defaults to `base:allocation`.
+    /// headers). Defaults to `base:allocation`. A server that does not know a
+    /// context simply leaves it out: [`ExportInfo::contexts`] says which were
+    /// granted, e.g. whether `qemu:dirty-bitmap:NAME` exists on the export.
     pub meta_contexts: Vec<String>,
+    /// Queries sent with `NBD_OPT_LIST_META_CONTEXT` before selecting, on the
+    /// same connection (e.g. `qemu:dirty-bitmap:` lists every exported
+    /// bitmap); the answers land in [`ExportInfo::available_contexts`]. Empty
+    /// (the default) sends no list request. Listing on the same connection
+    /// matters for servers such as `qemu-nbd` without `-t`, which exit after
+    /// their first client.
+    pub list_meta_contexts: Vec<String>,
 }
 
 impl Default for ConnectOptions {
@@ -300,8 +315,31 @@ impl Default for ConnectOptions {
             extended_headers: true,
             structured_replies: true,
             meta_contexts: vec![proto::CONTEXT_BASE_ALLOCATION.to_string()],
+            list_meta_contexts: Vec::new(),
         }
     }
+}
+
+impl ConnectOptions {
+    /// Default options selecting exactly these metadata contexts.
+    pub fn with_contexts<I, S>(contexts: I) -> ConnectOptions
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ConnectOptions {
+            meta_contexts: contexts.into_iter().map(Into::into).collect(),
+            ..ConnectOptions::default()
+        }
+    }
+}
+
+/// The metadata context name of the QEMU dirty bitmap `name`
+/// (`qemu:dirty-bitmap:NAME`). In its extents, flag bit 0
+/// ([`STATE_DIRTY`]) marks blocks written since the bitmap was
+/// created (QEMU's docs/interop/nbd.txt).
+pub fn dirty_bitmap_context(name: &str) -> String {
+    format!("{}{name}", DIRTY_BITMAP_PREFIX)
 }
 
 /// What the handshake established.
@@ -321,9 +359,41 @@ pub struct ExportInfo {
     pub mode: HeaderMode,
     /// Selected metadata contexts: id → name.
     pub contexts: Vec<(u32, String)>,
+    /// What `NBD_OPT_LIST_META_CONTEXT` answered for
+    /// [`ConnectOptions::list_meta_contexts`]; `None` when nothing was asked
+    /// or the server refused to list.
+    pub available_contexts: Option<Vec<String>>,
 }
 
 impl ExportInfo {
+    /// The id the server gave metadata context `name`, if it was granted.
+    pub fn context_id(&self, name: &str) -> Option<u32> {
+        self.contexts
+            .iter()
+            .find(|(_, n)| n == name)
+            .map(|(id, _)| *id)
+    }
+
+    /// Whether metadata context `name` was granted.
+    pub fn has_context(&self, name: &str) -> bool {
+        self.context_id(name).is_some()
+    }
+
+    /// Names of the dirty bitmaps the server listed
+    /// (from a `qemu:dirty-bitmap:` list query), sorted.
+    pub fn listed_dirty_bitmaps(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .available_contexts
+            .iter()
+            .flatten()
+            .filter_map(|c| c.strip_prefix(DIRTY_BITMAP_PREFIX))
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     fn has(&self, f: u16) -> bool {
         self.flags & f != 0
     }
@@ -535,6 +605,51 @@ fn put_string(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(s.as_bytes());
 }
 
+/// Send `NBD_OPT_LIST_META_CONTEXT` or `NBD_OPT_SET_META_CONTEXT` for
+/// `export` with `queries`, and collect the `NBD_REP_META_CONTEXT` answers
+/// (id, name) up to the final ACK. (For LIST the ids mean nothing.)
+async fn meta_context_option<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    export: &str,
+    queries: &[String],
+) -> Result<Vec<(u32, String)>, ClientError> {
+    let mut b = Vec::new();
+    put_string(&mut b, export);
+    b.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+    for c in queries {
+        if c.len() > MAX_STRING_LEN {
+            return Err(ClientError::Protocol(format!(
+                "metadata context name longer than {MAX_STRING_LEN} bytes: {:?}...",
+                &c[..32]
+            )));
+        }
+        put_string(&mut b, c);
+    }
+    send_option(s, option, &b).await?;
+    let mut out = Vec::new();
+    loop {
+        let (rtype, data) = read_option_reply(s, option).await?;
+        match rtype {
+            rep::META_CONTEXT if data.len() >= 4 => {
+                let id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+                out.push((id, String::from_utf8_lossy(&data[4..]).into_owned()));
+            }
+            rep::META_CONTEXT => {
+                return Err(ClientError::Protocol("short NBD_REP_META_CONTEXT".into()))
+            }
+            rep::ACK => break,
+            other => return Err(refused(option, other, &data)),
+        }
+        if out.len() > 65536 {
+            return Err(ClientError::Protocol(
+                "server sent more than 65536 metadata contexts".into(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// Greet the server; returns whether it supports NO_ZEROES.
 async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<(), ClientError> {
     let magic = s.read_u64().await?;
@@ -735,25 +850,35 @@ impl Client {
                 mode = HeaderMode::Structured;
             }
         }
+        let mut available_contexts = None;
+        if mode.structured() && !opts.list_meta_contexts.is_empty() {
+            // A refusal to list is not fatal: the caller learns which
+            // contexts exist from what SET_META_CONTEXT grants anyway.
+            available_contexts = match meta_context_option(
+                &mut s,
+                opt::LIST_META_CONTEXT,
+                export,
+                &opts.list_meta_contexts,
+            )
+            .await
+            {
+                Ok(v) => Some(v.into_iter().map(|(_, n)| n).collect()),
+                Err(ClientError::OptionRefused { .. }) => None,
+                Err(e) => return Err(e),
+            };
+        }
         let mut contexts = Vec::new();
         if mode.structured() && !opts.meta_contexts.is_empty() {
-            let mut b = Vec::new();
-            put_string(&mut b, export);
-            b.extend_from_slice(&(opts.meta_contexts.len() as u32).to_be_bytes());
-            for c in &opts.meta_contexts {
-                put_string(&mut b, c);
-            }
-            send_option(&mut s, opt::SET_META_CONTEXT, &b).await?;
-            loop {
-                let (rtype, data) = read_option_reply(&mut s, opt::SET_META_CONTEXT).await?;
-                match rtype {
-                    rep::META_CONTEXT if data.len() >= 4 => {
-                        let id = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
-                        contexts.push((id, String::from_utf8_lossy(&data[4..]).into_owned()));
-                    }
-                    rep::ACK => break,
-                    other => return Err(refused(opt::SET_META_CONTEXT, other, &data)),
-                }
+            contexts =
+                meta_context_option(&mut s, opt::SET_META_CONTEXT, export, &opts.meta_contexts)
+                    .await?;
+            let mut ids: Vec<u32> = contexts.iter().map(|(id, _)| *id).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.len() != contexts.len() {
+                return Err(ClientError::Protocol(
+                    "server gave two metadata contexts the same id".into(),
+                ));
             }
         }
         let mut b = Vec::new();
@@ -772,6 +897,7 @@ impl Client {
             block_sizes: None,
             mode,
             contexts,
+            available_contexts,
         };
         let mut got_export = false;
         loop {
@@ -1090,6 +1216,107 @@ impl Client {
                     ClientError::Protocol(format!("block status for unknown context id {id}"))
                 })?;
             out.push((name, ext));
+        }
+        Ok(out)
+    }
+
+    /// Block status for every negotiated context, by context id, as the
+    /// server answered one request (each context's extents may cover less
+    /// than `len`, never more than the server chose).
+    pub async fn block_status_ids(
+        &self,
+        offset: u64,
+        len: u64,
+        req_one: bool,
+    ) -> Result<Vec<(u32, Vec<Extent>)>, ClientError> {
+        if self.inner.info.contexts.is_empty() {
+            return Err(ClientError::Unsupported(
+                "block status (no metadata context negotiated)",
+            ));
+        }
+        let len = if self.inner.info.mode == HeaderMode::Extended {
+            len
+        } else {
+            len.min(u64::from(u32::MAX) & !0xfff).max(1)
+        };
+        let flags = if req_one { cflag::REQ_ONE } else { 0 };
+        let r = self
+            .request(cmd::BLOCK_STATUS, flags, offset, len, None)
+            .await?;
+        for (id, _) in &r.status {
+            if !self.inner.info.contexts.iter().any(|(i, _)| i == id) {
+                return Err(ClientError::Protocol(format!(
+                    "block status for unknown context id {id}"
+                )));
+            }
+        }
+        Ok(r.status)
+    }
+
+    /// The extents of metadata context `context` covering exactly
+    /// `[offset, offset + len)`: asks as many times as the server needs
+    /// (servers may answer for less than asked) and trims the last extent
+    /// to the range. Adjacent extents with the same flags are merged.
+    ///
+    /// Errors: [`ClientError::Unsupported`] when the context was not
+    /// granted; [`ClientError::Protocol`] when the server makes no progress
+    /// or leaves the context out of its answer.
+    pub async fn extents(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>, ClientError> {
+        let id = self
+            .inner
+            .info
+            .context_id(context)
+            .ok_or(ClientError::Unsupported(
+                "block status for a metadata context that was not negotiated",
+            ))?;
+        let end = offset
+            .checked_add(len)
+            .filter(|e| *e <= self.size())
+            .ok_or_else(|| {
+                ClientError::Protocol(format!(
+                    "extents of {offset}+{len} lie beyond the export size {}",
+                    self.size()
+                ))
+            })?;
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let answer = self.block_status_ids(pos, end - pos, false).await?;
+            let Some((_, ext)) = answer.into_iter().find(|(i, _)| *i == id) else {
+                return Err(ClientError::Protocol(format!(
+                    "block status at {pos} did not describe context {context:?}"
+                )));
+            };
+            let before = pos;
+            for e in ext {
+                if pos >= end {
+                    break;
+                }
+                let length = e.length.min(end - pos);
+                if length == 0 {
+                    return Err(ClientError::Protocol(format!(
+                        "zero-length extent at {pos} for context {context:?}"
+                    )));
+                }
+                match out.last_mut() {
+                    Some(l) if l.flags == e.flags => l.length += length,
+                    _ => out.push(Extent {
+                        length,
+                        flags: e.flags,
+                    }),
+                }
+                pos += length;
+            }
+            if pos == before {
+                return Err(ClientError::Protocol(format!(
+                    "block status at {pos} for context {context:?} made no progress"
+                )));
+            }
         }
         Ok(out)
     }

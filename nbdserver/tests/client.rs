@@ -22,6 +22,7 @@ fn options(mode: HeaderMode) -> ConnectOptions {
         extended_headers: mode == HeaderMode::Extended,
         structured_replies: mode != HeaderMode::Simple,
         meta_contexts: vec!["base:allocation".into(), "qemu:allocation-depth".into()],
+        ..ConnectOptions::default()
     }
 }
 

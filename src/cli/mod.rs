@@ -1,5 +1,6 @@
 //! Command-line interface (clap).
 
+pub mod backup;
 pub mod export;
 pub mod image;
 pub mod inspect;
@@ -37,6 +38,9 @@ pub enum Command {
     /// Repository catalog maintenance.
     #[command(subcommand)]
     Catalog(inspect::CatalogCmd),
+    /// Back up a VM's disks into a daemon: full, or incremental from QEMU
+    /// dirty bitmaps (the reference transfer client).
+    Backup(backup::BackupArgs),
     /// Mount every completed point in time as a read-only file tree (FUSE).
     Mount(mount::MountArgs),
 }
@@ -67,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Backups(c) => inspect::run_backups(c),
         Command::Chain(c) => inspect::run_chain(c),
         Command::Catalog(c) => inspect::run_catalog(c),
+        Command::Backup(a) => backup::run(a),
         Command::Mount(a) => mount::run(a),
     }
 }
