@@ -393,10 +393,7 @@ impl Engine {
                     ),
                     (BackupType::Incremental, None) => (
                         BackupType::Full,
-                        Some(format!(
-                            "disk {} has no completed backup to build on",
-                            disk.disk_id
-                        )),
+                        Some("no completed backup of this disk to build on".to_string()),
                         None,
                         format!("c-{}", repo::random_hex(6)),
                         String::new(),
