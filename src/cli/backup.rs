@@ -16,22 +16,8 @@ Exit codes: 0 completed; 2 bad arguments or unusable source (fix, do not retry);
 (retry later); 5 transfer failed, backup failed (retry); 6 some disks completed, \
 others failed (retry); 130/143 interrupted. See docs/client.md.")]
 pub struct BackupArgs {
-    /// URL of the chainvault daemon.
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "CHAINVAULT_SERVER",
-        default_value = "http://127.0.0.1:8420"
-    )]
-    pub server: String,
-    /// Bearer token of the daemon, if it has one.
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        env = "CHAINVAULT_TOKEN",
-        hide_env_values = true
-    )]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub daemon: super::DaemonArgs,
     /// The VM's name in the repository.
     #[arg(long, value_name = "NAME")]
     pub vm: String,
@@ -110,8 +96,8 @@ pub fn run(a: BackupArgs) -> anyhow::Result<u8> {
         None
     };
     let opts = Options {
-        server: a.server,
-        token: a.token,
+        server: a.daemon.server,
+        token: a.daemon.token,
         vm: a.vm,
         disks,
         full: a.full,

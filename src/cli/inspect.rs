@@ -24,22 +24,8 @@ use crate::units::human;
 /// Where the catalog is read from: a daemon, or a repository directory.
 #[derive(Debug, Clone, Args)]
 pub struct SourceArgs {
-    /// URL of a running daemon.
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "CHAINVAULT_SERVER",
-        default_value = "http://127.0.0.1:8420"
-    )]
-    pub server: String,
-    /// Bearer token of the daemon, if it has one.
-    #[arg(
-        long,
-        value_name = "TOKEN",
-        env = "CHAINVAULT_TOKEN",
-        hide_env_values = true
-    )]
-    pub token: Option<String>,
+    #[command(flatten)]
+    pub daemon: super::DaemonArgs,
     /// Read this repository directly instead of asking a daemon (the daemon
     /// must not be running on it).
     #[arg(long, value_name = "DIR")]
@@ -147,7 +133,10 @@ impl Source {
                 })?;
                 Ok(Source::Offline(engine))
             }
-            None => Ok(Source::Http(HttpSource::new(&a.server, a.token.clone()))),
+            None => Ok(Source::Http(HttpSource::new(
+                &a.daemon.server,
+                a.daemon.token.clone(),
+            ))),
         }
     }
 

@@ -45,6 +45,27 @@ pub enum Command {
     Mount(mount::MountArgs),
 }
 
+/// Where the daemon is, for commands that talk to it.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// URL of the chainvault daemon.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "CHAINVAULT_SERVER",
+        default_value = "http://127.0.0.1:8420"
+    )]
+    pub server: String,
+    /// Bearer token of the daemon, if it has one.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "CHAINVAULT_TOKEN",
+        hide_env_values = true
+    )]
+    pub token: Option<String>,
+}
+
 /// Set up logging to stderr.
 pub fn init_tracing(verbose: u8) {
     let default = match verbose {
