@@ -1189,35 +1189,22 @@ impl Client {
         len: u64,
         req_one: bool,
     ) -> Result<Vec<(String, Vec<Extent>)>, ClientError> {
-        if self.inner.info.contexts.is_empty() {
-            return Err(ClientError::Unsupported(
-                "block status (no metadata context negotiated)",
-            ));
-        }
-        let len = if self.inner.info.mode == HeaderMode::Extended {
-            len
-        } else {
-            len.min(u64::from(u32::MAX) & !0xfff).max(1)
-        };
-        let flags = if req_one { cflag::REQ_ONE } else { 0 };
-        let r = self
-            .request(cmd::BLOCK_STATUS, flags, offset, len, None)
-            .await?;
-        let mut out = Vec::new();
-        for (id, ext) in r.status {
-            let name = self
-                .inner
-                .info
-                .contexts
-                .iter()
-                .find(|(i, _)| *i == id)
-                .map(|(_, n)| n.clone())
-                .ok_or_else(|| {
-                    ClientError::Protocol(format!("block status for unknown context id {id}"))
-                })?;
-            out.push((name, ext));
-        }
-        Ok(out)
+        // Every id was checked against the negotiated contexts.
+        let by_id = self.block_status_ids(offset, len, req_one).await?;
+        Ok(by_id
+            .into_iter()
+            .map(|(id, ext)| {
+                let name = self
+                    .inner
+                    .info
+                    .contexts
+                    .iter()
+                    .find(|(i, _)| *i == id)
+                    .map(|(_, n)| n.clone())
+                    .unwrap_or_default();
+                (name, ext)
+            })
+            .collect())
     }
 
     /// Block status for every negotiated context, by context id, as the
