@@ -183,39 +183,7 @@ impl Daemon {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {desc}: {e}"));
 
-        // Read the ready line in a thread, then keep draining stdout.
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            let _ = tx.send(line);
-            let mut sink = Vec::new();
-            let _ = r.read_to_end(&mut sink);
-        });
-        let t0 = Instant::now();
-        let line = loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) => break l,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break String::new(),
-            }
-            if let Ok(Some(st)) = child.try_wait() {
-                panic!(
-                    "{desc} exited {st:?} before printing its ready line\n--- stderr ---\n{}",
-                    tail(&log, 60)
-                );
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{desc}: no ready line within 30 s\n--- stderr ---\n{}",
-                    tail(&log, 60)
-                );
-            }
-        };
+        let line = first_stdout_line(&mut child, &desc, &log, "its ready line");
         let mut api = None;
         let mut nbd = None;
         for tok in line.split_whitespace() {
@@ -546,6 +514,45 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> 
             return None;
         }
         std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The first line a spawned `chainvault` prints on stdout (its ready or
+/// mounted line); the rest of stdout is drained in the background so the
+/// child never blocks on it. Panics with the tail of its stderr log if it
+/// exits first or says nothing within 30 s.
+fn first_stdout_line(child: &mut Child, desc: &str, log: &Path, what: &str) -> String {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut line = String::new();
+        let _ = r.read_line(&mut line);
+        let _ = tx.send(line);
+        let mut sink = Vec::new();
+        let _ = r.read_to_end(&mut sink);
+    });
+    let t0 = Instant::now();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(l) => return l,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return String::new(),
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "{desc} exited {st:?} before printing {what}\n--- stderr ---\n{}",
+                tail(log, 60)
+            );
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{desc}: no {what} within 30 s\n--- stderr ---\n{}",
+                tail(log, 60)
+            );
+        }
     }
 }
 
@@ -1196,29 +1203,7 @@ impl Mount {
         let mut child = c
             .spawn()
             .unwrap_or_else(|e| panic!("cannot spawn {desc}: {e}"));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel::<String>();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut line = String::new();
-            let _ = r.read_line(&mut line);
-            let _ = tx.send(line);
-            let mut sink = Vec::new();
-            let _ = r.read_to_end(&mut sink);
-        });
-        let t0 = Instant::now();
-        let line = loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(l) => break l,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break String::new(),
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{desc}: not mounted within 30 s\n{}", tail(&log, 40));
-            }
-        };
+        let line = first_stdout_line(&mut child, &desc, &log, "its `mounted` line");
         if !line.starts_with("mounted ") {
             let st = wait_timeout(&mut child, Duration::from_secs(5));
             panic!(
