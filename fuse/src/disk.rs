@@ -97,25 +97,20 @@ impl LazyDisk {
             .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
+    /// The disk if it is open now.
+    fn current(&self) -> Option<Disk> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// The open disk, opening it if needed.
     pub fn get(&self) -> io::Result<Disk> {
         self.touch();
-        if let Some(d) = self
-            .inner
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            return Ok(d.clone());
+        if let Some(d) = self.current() {
+            return Ok(d);
         }
         let _g = self.opening.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(d) = self
-            .inner
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-        {
-            return Ok(d.clone());
+        if let Some(d) = self.current() {
+            return Ok(d);
         }
         let d = guard(&self.what, || (self.opener)())
             .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", self.what)))?;
