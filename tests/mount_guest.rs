@@ -435,3 +435,45 @@ fn fat_and_ntfs_in_mbr_with_extended_partitions() {
     m.sigint();
     d.stop();
 }
+
+#[test]
+fn fat12_fat16_fat32_names_keep_their_case_through_the_mount() {
+    tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let tree = t.join("tree");
+    build_tree(&tree, &["--many", "0"]);
+    let disk = t.join("disk.img");
+    let s = tree.display();
+    mkdisk(
+        &disk,
+        "80M",
+        "mbr",
+        &[
+            format!("fat12:12M:{s}"),
+            format!("fat16:20M:{s}"),
+            format!("fat:rest:{s}"),
+        ],
+    );
+    let d = Daemon::start(&t.join("data"));
+    backup_sources(&d, "dos", "full", &[(0, &disk)], true);
+    let m = Mount::start(
+        &t.join("mnt"),
+        &["--data", d.data.to_str().unwrap(), "--vm", "dos"],
+    );
+    let p = &points(&m, "dos", 0)[0];
+    for part in ["p1", "p2", "p3"] {
+        let vol = only_dir_starting(p, part);
+        // `Docs` (long name DOCS), `Read Me First.txt`, `Makefile`, and the
+        // 8.3 names with lower-case flags (fixtures/README.md).
+        assert!(
+            vol.join("Docs/Read Me First.txt").is_file(),
+            "{part}: Docs/Read Me First.txt: have {:?}",
+            names(&vol)
+        );
+        diff_r(part, &tree, &vol, &["links", "emoji-*"]);
+        compare_tree(part, &tree, &vol, FAT, &[]);
+    }
+    m.sigint();
+    d.stop();
+}

@@ -127,24 +127,47 @@ fn fat_time(d: fatfs::Date, t: fatfs::Time) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs as u64) + Duration::from_millis(t.millis.min(999) as u64)
 }
 
-/// fatfs applies the "lower-case base/extension" flags of a short name
-/// with ASCII rules only (`CAFÉ` becomes `cafÉ`); Linux and Windows lower
-/// the whole part. Redo it when the name is the short name recased.
+/// Where an entry has no long name, fatfs builds its name from the 8.3
+/// name and the two "lower-case base/extension" flags (byte 12, as Windows
+/// NT and mtools write them for `readme.txt` or `ABC.txt`), but lowers with
+/// ASCII rules only (`CAFÉ` becomes `cafÉ`); Linux and Windows lower the
+/// whole part. Redo that lowering, and only that: a long name is shown
+/// exactly as stored (`Docs`, `Makefile`), even where it differs from its
+/// short name only by case.
+///
+/// fatfs does not say whether a long name was present, so this tells the
+/// two apart by shape: a name made from the flags has each part equal to
+/// the short name's part or to its ASCII lowering. A long name of exactly
+/// that shape and with non-ASCII capitals (`cafÉ.txt` for `CAFÉ.TXT`) is
+/// the one case recased wrongly; a guest cannot tell it from a flagged
+/// short name either without reading the slots, and none writes it.
 fn fix_case(name: String, short: &str) -> String {
-    if name == short || name.to_uppercase() != short.to_uppercase() {
+    fn parts(s: &str) -> (&str, Option<&str>) {
+        match s.rsplit_once('.') {
+            Some((b, x)) => (b, Some(x)),
+            None => (s, None),
+        }
+    }
+    /// The part as Linux shows it, or None when `n` is no flag form of `s`.
+    fn part(n: &str, s: &str) -> Option<String> {
+        if n == s {
+            Some(n.to_string())
+        } else if n == s.to_ascii_lowercase() {
+            Some(s.to_lowercase())
+        } else {
+            None
+        }
+    }
+    if name == short {
         return name;
     }
-    let fix = |p: &str| {
-        if p.chars().any(|c| c.is_ascii_lowercase()) {
-            p.to_lowercase()
-        } else {
-            p.to_string()
-        }
+    let ((nb, nx), (sb, sx)) = (parts(&name), parts(short));
+    let fixed = match (nx, sx) {
+        (None, None) => part(nb, sb),
+        (Some(nx), Some(sx)) => part(nb, sb).zip(part(nx, sx)).map(|(b, x)| format!("{b}.{x}")),
+        _ => None,
     };
-    match name.rsplit_once('.') {
-        Some((b, x)) => format!("{}.{}", fix(b), fix(x)),
-        None => fix(&name),
-    }
+    fixed.unwrap_or(name)
 }
 
 impl Fat {
@@ -385,5 +408,33 @@ impl GuestFs for Fat {
 
     fn read_link(&self, _node: NodeId) -> io::Result<Vec<u8>> {
         Err(io::Error::from_raw_os_error(libc::EINVAL))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fix_case;
+
+    #[test]
+    fn long_names_keep_their_case_flagged_short_names_are_lowered_fully() {
+        for (name, short, want) in [
+            // long names, shown as stored
+            ("Docs", "DOCS", "Docs"),
+            ("Makefile", "MAKEFILE", "Makefile"),
+            ("Notes.Txt", "NOTES.TXT", "Notes.Txt"),
+            ("Read Me First.txt", "README~1.TXT", "Read Me First.txt"),
+            ("CaFÉ.txt", "CAFÉ.TXT", "CaFÉ.txt"),
+            ("a.b.c", "AB~1.C", "a.b.c"),
+            // short names with the lower-case flags (fatfs lowers ASCII only)
+            ("readme.txt", "README.TXT", "readme.txt"),
+            ("ABC.txt", "ABC.TXT", "ABC.txt"),
+            ("abc.TXT", "ABC.TXT", "abc.TXT"),
+            ("cafÉ.txt", "CAFÉ.TXT", "café.txt"),
+            ("cafÉ", "CAFÉ", "café"),
+            ("ÉTÉ.txt", "ÉTÉ.TXT", "ÉTÉ.txt"),
+            ("UPPER.TXT", "UPPER.TXT", "UPPER.TXT"),
+        ] {
+            assert_eq!(fix_case(name.to_string(), short), want, "{name} / {short}");
+        }
     }
 }
