@@ -164,7 +164,9 @@ fn fix_case(name: String, short: &str) -> String {
     let ((nb, nx), (sb, sx)) = (parts(&name), parts(short));
     let fixed = match (nx, sx) {
         (None, None) => part(nb, sb),
-        (Some(nx), Some(sx)) => part(nb, sb).zip(part(nx, sx)).map(|(b, x)| format!("{b}.{x}")),
+        (Some(nx), Some(sx)) => part(nb, sb)
+            .zip(part(nx, sx))
+            .map(|(b, x)| format!("{b}.{x}")),
         _ => None,
     };
     fixed.unwrap_or(name)

@@ -61,11 +61,7 @@ fn long_names_keep_their_case_on_fat12_fat16_and_fat32() {
             (b"UPPER   TXT", false, 0x00, "UPPER.TXT"),
         ] {
             let slots = short_slots(&v.dev, n83);
-            assert_eq!(
-                slots.len(),
-                1,
-                "{format}: one slot for {what}: {slots:?}"
-            );
+            assert_eq!(slots.len(), 1, "{format}: one slot for {what}: {slots:?}");
             let (has_lfn, case) = slots[0];
             assert_eq!(has_lfn, lfn, "{format}: {what}: long-name slot before it");
             if !lfn {

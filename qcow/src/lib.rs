@@ -9,6 +9,8 @@
 //! - [`check`]: consistency check and leak repair, straight from the on-disk
 //!   structures.
 //! - [`create`]: creating fulls and overlays.
+//! - [`merge`]: copying one layer into another and rebasing, the pieces of
+//!   a consolidation.
 //!
 //! There is no network code and no catalog here.
 
@@ -21,6 +23,7 @@ pub mod error;
 pub mod fuzzing;
 pub mod header;
 pub mod image;
+pub mod merge;
 pub mod meta;
 pub mod raw;
 

@@ -1,5 +1,5 @@
 //! The engine: the one place that creates images, links chains, records
-//! change_ids, fails, expires, recovers and prunes. Handlers and the CLI call
+//! change_ids, fails, expires, recovers, removes and consolidates. Handlers and the CLI call
 //! it; nothing else writes state.
 //!
 //! # The life of a disk backup
@@ -17,6 +17,7 @@
 //!    are never touched.
 
 mod error;
+pub mod lifecycle;
 pub mod repo;
 
 use std::collections::HashMap;
@@ -98,6 +99,8 @@ pub struct Engine {
     op: tokio::sync::Mutex<()>,
     running: Mutex<HashMap<(String, u32), RunningDisk>>,
     restores: Mutex<HashMap<String, RestoreEntry>>,
+    /// Backups whose files a removal is consolidating right now.
+    merging: Mutex<std::collections::HashSet<String>>,
     bytes_received: AtomicU64,
     shutting_down: AtomicBool,
 }
@@ -173,6 +176,7 @@ impl Engine {
             op: tokio::sync::Mutex::new(()),
             running: Mutex::new(HashMap::new()),
             restores: Mutex::new(HashMap::new()),
+            merging: Mutex::new(Default::default()),
             bytes_received: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
         });
@@ -217,6 +221,7 @@ impl Engine {
             op: tokio::sync::Mutex::new(()),
             running: Mutex::new(HashMap::new()),
             restores: Mutex::new(HashMap::new()),
+            merging: Mutex::new(Default::default()),
             bytes_received: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
         }))
@@ -979,86 +984,6 @@ impl Engine {
         })
     }
 
-    // ---------------------------------------------------------------- delete
-
-    pub async fn delete_backup(&self, backup_id: &str) -> EngineResult<()> {
-        self.check_open()?;
-        let _op = self.op.lock().await;
-        let b = self
-            .catalog
-            .backup(backup_id)
-            .map_err(cat)?
-            .ok_or_else(|| EngineError::not_found("backup", backup_id))?;
-        if b.status == Status::Running {
-            return Err(EngineError::Conflict(format!(
-                "backup {backup_id} is running; fail it first (POST /api/v1/backups/{backup_id}/fail)"
-            )));
-        }
-        let disks = self.catalog.disks_of(backup_id).map_err(cat)?;
-        for d in &disks {
-            for p in self.catalog.points_of(&d.vm_name, d.disk_id).map_err(cat)? {
-                if p.parent_backup_id.as_deref() == Some(backup_id)
-                    && matches!(p.status, Status::Completed | Status::Running)
-                {
-                    return Err(EngineError::Conflict(format!(
-                        "disk {} of backup {backup_id} is the backing file of backup {}; \
-                         only the newest point of a chain can be deleted",
-                        d.disk_id, p.backup_id
-                    )));
-                }
-            }
-            if lock(&self.restores)
-                .values()
-                .any(|r| r.view.backup_id == backup_id)
-            {
-                return Err(EngineError::Conflict(format!(
-                    "backup {backup_id} has an open restore export; close it first"
-                )));
-            }
-        }
-        let mut changes = vec![Change::DeleteBackup(backup_id.to_string())];
-        for d in &disks {
-            changes.push(Change::DeleteDisk {
-                vm_name: d.vm_name.clone(),
-                backup_id: backup_id.to_string(),
-                disk_id: d.disk_id,
-            });
-            if let Some(h) = self.catalog.head(&d.vm_name, d.disk_id).map_err(cat)? {
-                if h.head_backup_id == backup_id {
-                    // The head moves to the newest completed point left (the same
-                    // rule a catalog rebuild applies).
-                    let newest = self
-                        .catalog
-                        .points_of(&d.vm_name, d.disk_id)
-                        .map_err(cat)?
-                        .into_iter()
-                        .rfind(|p| p.backup_id != backup_id && p.status == Status::Completed);
-                    changes.push(match newest {
-                        Some(p) => Change::PutHead(ChainHead {
-                            vm_name: d.vm_name.clone(),
-                            disk_id: d.disk_id,
-                            chain_id: p.chain_id.clone(),
-                            head_backup_id: p.backup_id.clone(),
-                            head_change_id: p.change_id.clone().unwrap_or_default(),
-                        }),
-                        None => Change::DeleteHead {
-                            vm_name: d.vm_name.clone(),
-                            disk_id: d.disk_id,
-                        },
-                    });
-                }
-            }
-        }
-        // Catalog first: if removing files fails half-way, the catalog no
-        // longer lists points that might be gone.
-        self.catalog.apply(&changes).map_err(cat)?;
-        for d in &disks {
-            repo::remove_point(&self.abs(&d.image));
-        }
-        info!(backup = %backup_id, "backup deleted");
-        Ok(())
-    }
-
     // -------------------------------------------------------------- restores
 
     pub async fn open_restore(&self, req: RestoreRequest) -> EngineResult<RestoreView> {
@@ -1294,6 +1219,8 @@ impl Engine {
     /// After a crash or stop: running jobs become interrupted and their images
     /// are removed; completed points are kept and their sidecars brought up to date.
     fn recover(&self) -> EngineResult<()> {
+        // Removals a crash cut off are finished first (engine/lifecycle.rs).
+        self.finish_journals()?;
         for b in self.catalog.backups().map_err(cat)? {
             if b.status != Status::Running {
                 continue;
@@ -1360,6 +1287,14 @@ impl Engine {
             EngineError::BadRequest(format!("data directory {}: {e}", data_dir.display()))
         })?;
         let mut rep = RebuildReport::default();
+        // A removal a crash cut off is finished on the files first, so the
+        // sidecars say what the catalog will.
+        for (p, j) in lifecycle::pending(&data) {
+            let j = j.map_err(EngineError::Internal)?;
+            lifecycle::finish_files(&data, &p, &j).map_err(|e| {
+                EngineError::Internal(format!("cannot finish the journal {}: {e}", p.display()))
+            })?;
+        }
         let mut points: Vec<repo::Sidecar> = Vec::new();
         for sc in repo::all_sidecars(&data) {
             match repo::read_sidecar(&sc) {
