@@ -169,6 +169,12 @@ pub struct BackupRecord {
     pub created_at: String,
     pub finished_at: Option<String>,
     pub error: Option<String>,
+    /// A protected backup is never removed by prune or delete.
+    #[serde(default)]
+    pub protected: bool,
+    /// Free text a person attached to the backup.
+    #[serde(default)]
+    pub note: Option<String>,
 }
 
 /// One disk's part of a backup: keyed by (backup_id, disk_id).
@@ -221,6 +227,30 @@ pub struct ChainView {
     pub disk_id: u32,
     pub head: Option<ChainHead>,
     pub points: Vec<DiskBackupRecord>,
+}
+
+/// `PATCH /api/v1/backups/{backup_id}`: protect, unprotect, set or clear
+/// the note. A field left out is left as it is; `"note": null` clears it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnotateRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected: Option<bool>,
+    #[serde(
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub note: Option<Option<String>>,
+}
+
+/// A field that is present (even as `null`) deserializes to `Some`.
+fn present<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Some(Option::deserialize(d)?))
 }
 
 /// `POST /api/v1/restores`.

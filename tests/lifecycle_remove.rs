@@ -242,7 +242,104 @@ fn refusals_leave_everything_as_it_was() {
         &format!("/api/v1/backups/{}/fail", s(&run["backup_id"])),
         &json!({"reason": "test"}),
     );
+
+    // Protection and notes, through the CLI and the API.
+    let mid = &kept[1].id;
+    let out = cli(&["backups", "protect", mid, "--server", &d.api]);
+    assert!(
+        out.status.success(),
+        "backups protect: {}",
+        text(&out.stderr)
+    );
+    let out = cli(&[
+        "backups",
+        "note",
+        mid,
+        "before the ERP upgrade",
+        "--server",
+        &d.api,
+        "--json",
+    ]);
+    assert!(out.status.success(), "backups note: {}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["protected"], true, "{}", pretty(&v));
+    assert_eq!(v["note"], "before the ERP upgrade", "{}", pretty(&v));
+    let r = d.delete(&format!("/api/v1/backups/{mid}"));
+    assert_error("DELETE a protected backup", &r, 409);
+    let msg = s(&r.1["error"]);
+    assert!(
+        msg.contains("protected") && msg.contains("unprotect"),
+        "{msg}"
+    );
+    let out = cli(&["backups", "delete", mid, "--server", &d.api]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "backups delete of a protected backup: {}",
+        text(&out.stdout)
+    );
+    assert!(
+        text(&out.stderr).contains("protected"),
+        "{}",
+        text(&out.stderr)
+    );
+    let img = d.image_of(mid, 0);
+    let sc: Value =
+        serde_json::from_slice(&std::fs::read(img.with_extension("json")).unwrap()).unwrap();
+    assert_eq!(
+        sc["backup"]["protected"], true,
+        "the sidecar keeps the protection"
+    );
+    assert_eq!(sc["backup"]["note"], "before the ERP upgrade");
+    for (what, body) in [
+        ("no field", "{}"),
+        ("unknown field", r#"{"protect": true}"#),
+        ("not a boolean", r#"{"protected": "yes"}"#),
+        ("control characters", r#"{"note": "a\u0007b"}"#),
+        ("not JSON", "protect"),
+    ] {
+        let r = d
+            .try_patch_raw(&format!("/api/v1/backups/{mid}"), body)
+            .unwrap();
+        assert_error(&format!("PATCH with {what}"), &r, 400);
+    }
+    let long = json!({"note": "x".repeat(5000)});
+    assert_error(
+        "PATCH with a 5000-byte note",
+        &d.patch(&format!("/api/v1/backups/{mid}"), &long),
+        400,
+    );
+    assert_error(
+        "PATCH an unknown backup",
+        &d.patch(
+            "/api/v1/backups/20990101T000000.000Z-00000000",
+            &json!({"protected": true}),
+        ),
+        404,
+    );
+    // A restart keeps it; unprotected, it goes.
+    d.stop();
+    let d = Daemon::start(&t.join("data"));
+    assert_eq!(
+        d.backup(mid)["protected"],
+        true,
+        "protection survives a restart"
+    );
+    let r = d.patch(
+        &format!("/api/v1/backups/{mid}"),
+        &json!({"protected": false, "note": null}),
+    );
+    assert_eq!(r.0, 200, "{}", pretty(&r.1));
+    assert!(r.1["note"].is_null(), "note cleared: {}", pretty(&r.1));
     check_kept("after the refusals", &d, &kept);
+    let out = cli(&["backups", "delete", mid, "--server", &d.api]);
+    assert!(
+        out.status.success(),
+        "backups delete: {}",
+        text(&out.stderr)
+    );
+    let kept: Vec<Point> = kept.iter().filter(|p| &p.id != mid).cloned().collect();
+    check_kept("after deleting the unprotected middle point", &d, &kept);
 }
 
 /// How a trial stops the daemon in the middle of a removal.

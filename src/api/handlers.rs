@@ -214,6 +214,19 @@ pub struct DeletedResponse {
 }
 
 /// `DELETE /api/v1/backups/{id}`: remove a backup (409 while later points depend on it).
+/// `PATCH /api/v1/backups/{backup_id}`: protection and note.
+pub async fn annotate_backup(
+    State(st): State<AppState>,
+    ApiPath(backup_id): ApiPath<String>,
+    ApiJson(req): ApiJson<AnnotateRequest>,
+) -> ApiResult<Json<BackupView>> {
+    Ok(Json(
+        st.engine
+            .annotate_backup(&backup_id, req.protected, req.note)
+            .await?,
+    ))
+}
+
 pub async fn delete_backup(
     State(st): State<AppState>,
     ApiPath(backup_id): ApiPath<String>,

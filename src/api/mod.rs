@@ -43,6 +43,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/backups/changeid"),
     ("get", "/api/v1/backups/chain"),
     ("get", "/api/v1/backups/{backup_id}"),
+    ("patch", "/api/v1/backups/{backup_id}"),
     ("delete", "/api/v1/backups/{backup_id}"),
     ("post", "/api/v1/backups/{backup_id}/complete"),
     ("post", "/api/v1/backups/{backup_id}/fail"),
@@ -73,7 +74,9 @@ pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
         .route("/api/v1/backups/chain", get(handlers::chain))
         .route(
             "/api/v1/backups/{backup_id}",
-            get(handlers::get_backup).delete(handlers::delete_backup),
+            get(handlers::get_backup)
+                .patch(handlers::annotate_backup)
+                .delete(handlers::delete_backup),
         )
         .route(
             "/api/v1/backups/{backup_id}/complete",

@@ -210,7 +210,17 @@ fn build() -> Value {
                         "created_at": { "type": "string", "format": "date-time" },
                         "finished_at": { "type": ["string", "null"], "format": "date-time" },
                         "error": nullable_string,
+                        "protected": { "type": "boolean", "description": "Prune and delete refuse a protected backup." },
+                        "note": nullable_string,
                         "disks": { "type": "array", "items": r("DiskBackupRecord") }
+                    }
+                },
+                "AnnotateRequest": {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "properties": {
+                        "protected": { "type": "boolean" },
+                        "note": { "type": ["string", "null"], "maxLength": 4096 }
                     }
                 },
                 "BackupList": {
@@ -354,12 +364,23 @@ fn build() -> Value {
                         ("404", "No backup with this id.")
                     ])
                 },
+                "patch": {
+                    "operationId": "annotateBackup",
+                    "summary": "Protect or unprotect a backup, and set or clear its note. Fields left out stay as they are.",
+                    "requestBody": body("AnnotateRequest", json!({ "protected": true, "note": "before the ERP upgrade" })),
+                    "responses": responses(ok("The backup as it is now.", r("BackupView")), &[
+                        ("400", "No field given, an unknown field, a note longer than 4096 bytes or holding control characters."),
+                        ("404", "No backup with this id."),
+                        ("413", TOO_LARGE),
+                        ("415", BAD_TYPE)
+                    ])
+                },
                 "delete": {
                     "operationId": "deleteBackup",
-                    "summary": "Delete a backup and its images.",
+                    "summary": "Delete a backup, anywhere in its chains: what later points still read through it is merged into the chain first (crash-safe, journalled).",
                     "responses": responses(ok("Deleted.", r("DeletedResponse")), &[
                         ("404", "No backup with this id."),
-                        ("409", "The backup cannot be deleted now (it is running, a later point depends on it, or a restore has it open); the message says which.")
+                        ("409", "The backup cannot be deleted now (it is protected, running, the parent of a running backup, being consolidated, or a restore has it open); the message says which.")
                     ])
                 }
             },

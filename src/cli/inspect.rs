@@ -37,6 +37,14 @@ pub struct SourceArgs {
 pub enum BackupsCmd {
     /// List backups (oldest first).
     List(ListArgs),
+    /// Protect a backup: prune and delete refuse it until it is unprotected.
+    Protect(super::lifecycle::BackupIdArgs),
+    /// Remove a backup's protection.
+    Unprotect(super::lifecycle::BackupIdArgs),
+    /// Set (or with --clear, remove) a backup's note.
+    Note(super::lifecycle::NoteArgs),
+    /// Delete a backup anywhere in its chains (later points are consolidated).
+    Delete(super::lifecycle::BackupIdArgs),
 }
 
 #[derive(Debug, Args)]
@@ -119,13 +127,13 @@ fn parse_status(s: &str) -> Result<Status, String> {
 // ---------------------------------------------------------------------------
 
 /// A daemon over HTTP, or the repository opened offline.
-enum Source {
+pub(super) enum Source {
     Http(HttpSource),
     Offline(Arc<Engine>),
 }
 
 impl Source {
-    fn open(a: &SourceArgs) -> anyhow::Result<Source> {
+    pub(super) fn open(a: &SourceArgs) -> anyhow::Result<Source> {
         match &a.data {
             Some(dir) => {
                 let engine = Engine::open_offline(dir).with_context(|| {
@@ -183,7 +191,7 @@ impl Source {
 }
 
 /// A blocking HTTP client for the daemon's API.
-struct HttpSource {
+pub(super) struct HttpSource {
     base: String,
     token: Option<String>,
     agent: ureq::Agent,
@@ -203,18 +211,33 @@ impl HttpSource {
     }
 
     fn get<T: DeserializeOwned>(&self, path: &str, query: &[(&str, String)]) -> anyhow::Result<T> {
+        self.call("GET", path, query, None)
+    }
+
+    /// One request; `body` is sent as JSON. Errors say what the daemon said.
+    pub(super) fn call<T: DeserializeOwned>(
+        &self,
+        method: &str,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<&serde_json::Value>,
+    ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.agent.get(&url);
+        let mut req = self.agent.request(method, &url);
         for (k, v) in query {
             req = req.query(k, v);
         }
         if let Some(t) = &self.token {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }
-        match req.call() {
+        let sent = match body {
+            Some(b) => req.send_json(b),
+            None => req.call(),
+        };
+        match sent {
             Ok(resp) => resp.into_json::<T>().with_context(|| {
                 format!(
-                    "the daemon at {} sent a response this CLI cannot read (GET {path})",
+                    "the daemon at {} sent a response this CLI cannot read ({method} {path})",
                     self.base
                 )
             }),
@@ -268,6 +291,10 @@ pub fn run_backups(cmd: BackupsCmd) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        BackupsCmd::Protect(a) => super::lifecycle::protect(a, true),
+        BackupsCmd::Unprotect(a) => super::lifecycle::protect(a, false),
+        BackupsCmd::Note(a) => super::lifecycle::note(a),
+        BackupsCmd::Delete(a) => super::lifecycle::delete(a),
     }
 }
 
@@ -345,7 +372,7 @@ pub fn run_catalog(cmd: CatalogCmd) -> anyhow::Result<u8> {
     }
 }
 
-fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+pub(super) fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!(
         "{}",
         serde_json::to_string_pretty(v).context("cannot encode JSON")?

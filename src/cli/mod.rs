@@ -4,6 +4,7 @@ pub mod backup;
 pub mod export;
 pub mod image;
 pub mod inspect;
+pub mod lifecycle;
 pub mod mount;
 pub mod serve;
 

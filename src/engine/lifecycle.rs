@@ -74,6 +74,9 @@ pub struct Journal {
     pub started_at: String,
 }
 
+/// Longest note kept on a backup.
+pub const MAX_NOTE_BYTES: usize = 4096;
+
 pub fn journal_dir(data: &Path) -> PathBuf {
     data.join("journal")
 }
@@ -344,6 +347,12 @@ impl Engine {
                     "backup {backup_id} is running; fail it first (POST /api/v1/backups/{backup_id}/fail)"
                 )));
             }
+            if b.protected {
+                return Err(EngineError::Conflict(format!(
+                    "backup {backup_id} is protected{}; unprotect it first (chainvault backups unprotect {backup_id})",
+                    b.note.as_deref().map(|n| format!(" (note: {n})")).unwrap_or_default()
+                )));
+            }
             if lock(&self.merging).contains(backup_id) {
                 return Err(EngineError::Conflict(format!(
                     "backup {backup_id} is being consolidated with a removed neighbour; try again when that ends"
@@ -475,6 +484,58 @@ impl Engine {
         self.record_child_sizes(&journals)?;
         info!(backup = %backup_id, "backup deleted");
         Ok(())
+    }
+
+    /// Set a backup's protection and/or note (`note: Some(None)` clears it).
+    /// The catalog and every disk's sidecar say the same afterwards.
+    pub async fn annotate_backup(
+        &self,
+        backup_id: &str,
+        protected: Option<bool>,
+        note: Option<Option<String>>,
+    ) -> EngineResult<BackupView> {
+        if let Some(Some(n)) = &note {
+            if n.len() > MAX_NOTE_BYTES {
+                return Err(EngineError::BadRequest(format!(
+                    "note is {} bytes; at most {MAX_NOTE_BYTES} are kept",
+                    n.len()
+                )));
+            }
+            if n.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
+                return Err(EngineError::BadRequest(
+                    "note must not hold control characters other than newline and tab".into(),
+                ));
+            }
+        }
+        if protected.is_none() && note.is_none() {
+            return Err(EngineError::BadRequest(
+                "give \"protected\" (true or false) and/or \"note\" (text, or null to clear it)"
+                    .into(),
+            ));
+        }
+        let _op = self.op.lock().await;
+        let mut b = self
+            .catalog
+            .backup(backup_id)
+            .map_err(cat)?
+            .ok_or_else(|| EngineError::not_found("backup", backup_id))?;
+        if let Some(p) = protected {
+            b.protected = p;
+        }
+        if let Some(n) = note {
+            b.note = n.filter(|n| !n.trim().is_empty());
+        }
+        self.catalog
+            .apply(&[Change::PutBackup(b.clone())])
+            .map_err(cat)?;
+        let disks = self.catalog.disks_of(backup_id).map_err(cat)?;
+        for d in disks.iter().filter(|d| d.status == Status::Completed) {
+            if let Err(e) = repo::write_sidecar(&self.abs(&d.image), &repo::Sidecar::new(&b, d)) {
+                warn!(error = %e, "sidecar update failed; recovery will rewrite it");
+            }
+        }
+        info!(backup = %backup_id, protected = b.protected, "backup annotated");
+        Ok(BackupView { backup: b, disks })
     }
 
     /// Finish every journal a crash left (startup, before anything else).

@@ -373,6 +373,8 @@ impl Engine {
             created_at: now.clone(),
             finished_at: None,
             error: None,
+            protected: false,
+            note: None,
         };
 
         // Decide each disk's mode and create its image.
@@ -1249,7 +1251,15 @@ impl Engine {
                 continue;
             }
             let stale = match repo::read_sidecar(&repo::sidecar_of(&abs)) {
-                Ok(s) => s.disk.status != d.status || s.disk.change_id != d.change_id,
+                Ok(s) => {
+                    let b = self.catalog.backup(&d.backup_id).map_err(cat)?;
+                    s.disk.status != d.status
+                        || s.disk.change_id != d.change_id
+                        || s.disk.parent_backup_id != d.parent_backup_id
+                        || b.is_some_and(|b| {
+                            b.protected != s.backup.protected || b.note != s.backup.note
+                        })
+                }
                 Err(_) => true,
             };
             if stale {

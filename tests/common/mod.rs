@@ -325,6 +325,19 @@ impl Daemon {
                 .send_string(body),
         )
     }
+    pub fn try_patch_raw(&self, path: &str, body: &str) -> Result<Reply, String> {
+        Self::finish(
+            self.agent
+                .request("PATCH", &self.url(path))
+                .set("Content-Type", "application/json")
+                .send_string(body),
+        )
+    }
+    /// `PATCH` with a JSON body; panics only when the daemon cannot be reached.
+    pub fn patch(&self, path: &str, body: &Value) -> Reply {
+        self.try_patch_raw(path, &body.to_string())
+            .unwrap_or_else(|e| panic!("PATCH {path}: {e}"))
+    }
     pub fn try_delete(&self, path: &str) -> Result<Reply, String> {
         Self::finish(self.agent.delete(&self.url(path)).call())
     }
