@@ -462,3 +462,98 @@ fn kill9_during_consolidation_is_finished_at_restart() {
     );
     d.stop();
 }
+
+/// Reads `what` whole, over and over, until `stop`; every read must equal
+/// `want`. Returns the number of complete reads.
+fn reader(
+    what: String,
+    want: std::sync::Arc<Vec<u8>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    read: impl Fn() -> Result<Vec<u8>, String> + Send + 'static,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut rounds = 0;
+        while !stop.load(std::sync::atomic::Ordering::Acquire) || rounds < 2 {
+            let got = read().unwrap_or_else(|e| panic!("{what}: read {rounds}: {e}"));
+            assert_eq!(got.len(), want.len(), "{what}: read {rounds}: size");
+            if let Some(at) = got.iter().zip(want.iter()).position(|(a, b)| a != b) {
+                panic!("{what}: read {rounds} differs from the point's original at byte {at}");
+            }
+            rounds += 1;
+        }
+        rounds
+    })
+}
+
+#[test]
+fn readers_of_a_kept_point_see_the_same_bytes_while_its_chain_is_consolidated() {
+    tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+    let d = Daemon::start(&t.join("data"));
+    let mut kept = build_chain(&d, t, 12, 23);
+    // The newest point reads through every layer; a middle one through half.
+    let watched = [kept[11].clone(), kept[6].clone()];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let m = Mount::start(&t.join("mnt"), &["--data", d.data.to_str().unwrap()]);
+    let mut threads = Vec::new();
+    for p in &watched {
+        let want = std::sync::Arc::new(std::fs::read(&p.src).unwrap());
+        // A restore export over NBD, read with nbdcopy.
+        let rv = d.post_ok(
+            "/api/v1/restores",
+            &json!({"backup_id": p.id, "disk_id": 0}),
+        );
+        let uri = s(&rv["nbd_uri"]);
+        let out = t.join(format!("read-{}.raw", p.id));
+        threads.push(reader(
+            format!("NBD restore export of {}", p.id),
+            want.clone(),
+            stop.clone(),
+            move || {
+                let o = run(cmd("nbdcopy", &[uri.as_str(), out.to_str().unwrap()]));
+                if !o.status.success() {
+                    return Err(text(&o.stderr));
+                }
+                std::fs::read(&out).map_err(|e| e.to_string())
+            },
+        ));
+        // The mount's disk.raw of the point.
+        let raw = m.path(&format!("by-id/{}/disk0/disk.raw", p.id));
+        threads.push(reader(
+            format!("mount {}", raw.display()),
+            want,
+            stop.clone(),
+            move || std::fs::read(&raw).map_err(|e| e.to_string()),
+        ));
+    }
+    // Remove every point but the watched ones: the base, middles, and the
+    // newest point's neighbours, while the readers read.
+    let mut rng = Rng::new(0x0EAD_E125);
+    while kept.len() > watched.len() {
+        let candidates: Vec<usize> = (0..kept.len())
+            .filter(|&i| watched.iter().all(|w| w.id != kept[i].id))
+            .collect();
+        let i = candidates[rng.below(candidates.len() as u64) as usize];
+        let p = kept.remove(i);
+        let r = d.delete(&format!("/api/v1/backups/{}", p.id));
+        assert_eq!(r.0, 200, "DELETE {}: {}", p.id, pretty(&r.1));
+        // A removed point is gone from the mount's listing.
+        let by_id = m.path(&format!("by-id/{}", p.id));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while by_id.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(!by_id.exists(), "{} is still listed in the mount", p.id);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    for th in threads {
+        let rounds = th
+            .join()
+            .expect("a reader saw wrong bytes (its message is above)");
+        assert!(rounds >= 2, "a reader finished only {rounds} reads");
+    }
+    check_kept("after consolidating around the readers", &d, &kept);
+    m.sigint();
+    d.stop();
+}

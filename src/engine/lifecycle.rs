@@ -15,6 +15,8 @@
 //!    no longer show the point.
 //! 3. The files (no engine lock held; each step is idempotent, so recovery
 //!    simply runs them again):
+//!    - first the removed point's sidecar goes, so that a mount reading
+//!      the repository directory no longer lists it;
 //!    - **leaf** (no child): the image and its sidecar are removed.
 //!    - **commit into parent** (the child holds less than the removed
 //!      point, e.g. the 2 GiB base under a 40 MiB incremental): the
@@ -150,6 +152,18 @@ fn repair_leaks(p: &Path) -> Result<(), String> {
 pub fn finish_files(data: &Path, jpath: &Path, j: &Journal) -> Result<(), String> {
     let removed = data.join(&j.image);
     let child = j.child_image.as_ref().map(|c| data.join(c));
+    // First the removed point's sidecar: a mount reading the repository
+    // directory stops listing the point before its file changes.
+    let sc = repo::sidecar_of(&removed);
+    match std::fs::remove_file(&sc) {
+        Ok(()) => {
+            if let Some(d) = sc.parent() {
+                repo::sync_dir(d).map_err(|e| qerr("fsync of the disk directory", e))?;
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(qerr(&format!("removing {}", sc.display()), e)),
+    }
     match (j.action, &child) {
         (Action::RemoveLeaf, _) => repo::remove_point(&removed),
         (Action::CommitIntoParent, Some(child)) => {
