@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::engine::retention::{KeepOptions, Rule, Verdict};
+
 /// Full or incremental, as asked for or as given to a disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -251,6 +253,204 @@ where
     T: Deserialize<'de>,
 {
     Ok(Some(Option::deserialize(d)?))
+}
+
+/// When the daemon applies a VM's retention policy by itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PruneWhen {
+    /// After each backup of the VM completes.
+    #[default]
+    AfterBackup,
+    /// On the policy's `schedule`.
+    Schedule,
+    /// Only when someone runs `chainvault prune`.
+    Never,
+}
+
+/// A retention policy: a VM's own, or the server-wide default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetentionPolicy {
+    #[serde(flatten)]
+    pub keep: KeepOptions,
+    /// IANA name, "UTC" or an offset such as "+02:00"; periods are in UTC when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+    #[serde(default)]
+    pub prune: PruneWhen,
+    /// With `prune: schedule`: "HH:MM" (daily, in the policy's time zone) or
+    /// "every 6h" (also s, m, d).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// A completed incremental that makes a disk's chain longer than this
+    /// consolidates the oldest points until it is this long again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_chain_length: Option<u32>,
+    #[serde(default)]
+    pub updated_at: String,
+}
+
+/// `GET /api/v1/policies/...`: a policy and whose it is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PolicyView {
+    /// The VM asked about, or null for the default.
+    pub vm_name: Option<String>,
+    /// "vm" (the VM's own), "default" (the server-wide one), or "none".
+    pub source: String,
+    pub policy: Option<RetentionPolicy>,
+}
+
+/// `POST /api/v1/prune`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PruneRequest {
+    /// One VM, or every VM when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_name: Option<String>,
+    /// Keep options for this run; when any is given they replace the
+    /// stored policy's keep options (its time zone still applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_hourly: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_daily: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_weekly: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_monthly: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_yearly: Option<i64>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// `PUT /api/v1/policies/...`: keep counts, time zone, when to prune, depth limit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_last: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_hourly: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_daily: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_weekly: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_monthly: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_yearly: Option<i64>,
+    #[serde(default)]
+    pub time_zone: Option<String>,
+    #[serde(default)]
+    pub prune: Option<PruneWhen>,
+    #[serde(default)]
+    pub schedule: Option<String>,
+    #[serde(default)]
+    pub max_chain_length: Option<i64>,
+}
+
+/// The keep counts of a request, in [`Rule::ALL`] order.
+macro_rules! keep_counts {
+    ($t:ty) => {
+        impl $t {
+            pub fn counts(&self) -> [Option<i64>; 6] {
+                [
+                    self.keep_last,
+                    self.keep_hourly,
+                    self.keep_daily,
+                    self.keep_weekly,
+                    self.keep_monthly,
+                    self.keep_yearly,
+                ]
+            }
+        }
+    };
+}
+keep_counts!(PruneRequest);
+keep_counts!(PolicyRequest);
+
+/// One backup in a prune report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PruneEntry {
+    pub backup_id: String,
+    pub created_at: String,
+    pub status: Status,
+    pub verdict: Verdict,
+    /// The option that keeps it ("keep-daily"), or why it is kept or removed.
+    pub reason: String,
+    /// Bytes its removal frees (an estimate from the images' cluster maps);
+    /// 0 for kept backups.
+    pub bytes_freed: u64,
+    /// Set when the removal was tried and failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The prune of one VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmPrune {
+    pub vm_name: String,
+    /// Where the keep options came from: "request", "vm", "default" or "none".
+    pub policy_source: String,
+    pub keep: KeepOptions,
+    pub time_zone: String,
+    /// Newest first.
+    pub backups: Vec<PruneEntry>,
+    pub kept: u64,
+    pub removed: u64,
+    pub bytes_freed: u64,
+}
+
+/// `POST /api/v1/prune` response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PruneReport {
+    pub dry_run: bool,
+    pub vms: Vec<VmPrune>,
+    pub kept: u64,
+    pub removed: u64,
+    pub bytes_freed: u64,
+    /// Removals that failed (the rest went on).
+    pub errors: Vec<String>,
+}
+
+/// One image to import.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImage {
+    /// Absolute path on the daemon's machine.
+    pub path: String,
+    /// When the point was taken (RFC 3339); default: the file's mtime.
+    #[serde(default)]
+    pub created_at: Option<String>,
+}
+
+/// `POST /api/v1/imports`: adopt existing qcow2 files as the next points of
+/// one disk, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportRequest {
+    pub vm_name: String,
+    pub disk_id: u32,
+    pub images: Vec<ImportImage>,
+    /// The change_id of the last image (the next incremental starts from it).
+    #[serde(default)]
+    pub change_id: Option<String>,
+    /// Remove each source file once its point is in the catalog.
+    #[serde(default, rename = "move")]
+    pub move_files: bool,
+}
+
+/// What an import adopted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImportReport {
+    pub vm_name: String,
+    pub disk_id: u32,
+    /// The new points, oldest first.
+    pub points: Vec<DiskBackupRecord>,
+    pub bytes_copied: u64,
+    pub moved: bool,
 }
 
 /// `POST /api/v1/restores`.

@@ -13,6 +13,7 @@
 pub mod error;
 pub mod extract;
 pub mod handlers;
+pub mod lifecycle;
 pub mod openapi;
 
 use std::sync::Arc;
@@ -49,6 +50,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/backups/{backup_id}/fail"),
     ("post", "/api/v1/restores"),
     ("delete", "/api/v1/restores/{restore_id}"),
+    ("get", "/api/v1/policies"),
+    ("get", "/api/v1/policies/default"),
+    ("put", "/api/v1/policies/default"),
+    ("delete", "/api/v1/policies/default"),
+    ("get", "/api/v1/policies/vms/{vm_name}"),
+    ("put", "/api/v1/policies/vms/{vm_name}"),
+    ("delete", "/api/v1/policies/vms/{vm_name}"),
+    ("post", "/api/v1/prune"),
+    ("post", "/api/v1/imports"),
     ("get", "/api/v1/verify"),
     ("get", "/api/v1/openapi.json"),
     ("get", "/healthz"),
@@ -91,6 +101,21 @@ pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
             "/api/v1/restores/{restore_id}",
             axum::routing::delete(handlers::close_restore),
         )
+        .route("/api/v1/policies", get(lifecycle::list_policies))
+        .route(
+            "/api/v1/policies/default",
+            get(lifecycle::get_default_policy)
+                .put(lifecycle::put_default_policy)
+                .delete(lifecycle::delete_default_policy),
+        )
+        .route(
+            "/api/v1/policies/vms/{vm_name}",
+            get(lifecycle::get_vm_policy)
+                .put(lifecycle::put_vm_policy)
+                .delete(lifecycle::delete_vm_policy),
+        )
+        .route("/api/v1/prune", post(lifecycle::prune))
+        .route("/api/v1/imports", post(lifecycle::import))
         .route("/api/v1/verify", get(handlers::verify))
         .route("/api/v1/openapi.json", get(handlers::openapi))
         .route("/healthz", get(handlers::healthz))

@@ -64,6 +64,220 @@ const BAD_TYPE: &str = "The body is not sent as `Content-Type: application/json`
 const TOO_LARGE: &str = "The body is larger than 1 MiB.";
 
 fn build() -> Value {
+    let mut doc = build_core();
+    let (schemas, paths) = lifecycle();
+    for (k, v) in schemas.as_object().into_iter().flatten() {
+        doc["components"]["schemas"][k] = v.clone();
+    }
+    for (k, v) in paths.as_object().into_iter().flatten() {
+        doc["paths"][k] = v.clone();
+    }
+    doc
+}
+
+/// Schemas and paths of retention policies and prune.
+fn lifecycle() -> (Value, Value) {
+    let count =
+        |d: &str| json!({ "type": "integer", "minimum": 0, "maximum": 100000, "description": d });
+    let keep_props = json!({
+        "keep_last": count("Keep the N newest backups."),
+        "keep_hourly": count("Keep the newest backup of each of the N newest hours that have one."),
+        "keep_daily": count("... of each of the N newest days."),
+        "keep_weekly": count("... of each of the N newest ISO weeks."),
+        "keep_monthly": count("... of each of the N newest months."),
+        "keep_yearly": count("... of each of the N newest years.")
+    });
+    let mut policy_props = keep_props.clone();
+    for (k, v) in [
+        (
+            "time_zone",
+            json!({ "type": ["string", "null"], "description": "IANA name (Europe/Berlin), UTC, or an offset (+02:00). Periods are UTC when absent." }),
+        ),
+        ("prune", r("PruneWhen")),
+        (
+            "schedule",
+            json!({ "type": ["string", "null"], "description": "With prune \"schedule\": \"HH:MM\" (daily, in the time zone) or \"every 6h\"." }),
+        ),
+        (
+            "max_chain_length",
+            json!({ "type": ["integer", "null"], "minimum": 2, "maximum": 100000 }),
+        ),
+    ] {
+        policy_props[k] = v;
+    }
+    let mut stored = policy_props.clone();
+    stored["updated_at"] = json!({ "type": "string", "format": "date-time" });
+    let mut prune_props = keep_props.clone();
+    prune_props["vm_name"] =
+        json!({ "type": "string", "description": "Only this VM (default: every VM)." });
+    prune_props["dry_run"] =
+        json!({ "type": "boolean", "description": "Decide and report, remove nothing." });
+    let schemas = json!({
+        "PruneWhen": { "type": "string", "enum": ["after-backup", "schedule", "never"] },
+        "RetentionPolicy": { "type": "object", "properties": stored },
+        "PolicyRequest": { "type": "object", "additionalProperties": false, "properties": policy_props,
+            "description": "Replaces the whole policy: every keep option left out is off." },
+        "PolicyView": {
+            "type": "object",
+            "required": ["vm_name", "source", "policy"],
+            "properties": {
+                "vm_name": { "type": ["string", "null"] },
+                "source": { "type": "string", "enum": ["vm", "default", "none"] },
+                "policy": { "oneOf": [ r("RetentionPolicy"), { "type": "null" } ] }
+            }
+        },
+        "PolicyList": { "type": "object", "required": ["policies"], "properties": { "policies": { "type": "array", "items": r("PolicyView") } } },
+        "PruneRequest": { "type": "object", "additionalProperties": false, "properties": prune_props,
+            "description": "Keep options given here replace the stored policy's for this run." },
+        "PruneEntry": {
+            "type": "object",
+            "required": ["backup_id", "created_at", "status", "verdict", "reason", "bytes_freed"],
+            "properties": {
+                "backup_id": { "type": "string" },
+                "created_at": { "type": "string", "format": "date-time" },
+                "status": r("Status"),
+                "verdict": { "type": "string", "enum": ["keep", "keep-partial", "protected", "running", "remove"] },
+                "reason": { "type": "string", "description": "The option that keeps it (keep-daily, ...), or why it is kept or removed." },
+                "bytes_freed": { "type": "integer", "minimum": 0, "description": "Estimated bytes its removal frees." },
+                "error": { "type": "string", "description": "The removal was tried and failed." }
+            }
+        },
+        "VmPrune": {
+            "type": "object",
+            "required": ["vm_name", "policy_source", "keep", "time_zone", "backups", "kept", "removed", "bytes_freed"],
+            "properties": {
+                "vm_name": { "type": "string" },
+                "policy_source": { "type": "string", "enum": ["request", "vm", "default", "none"] },
+                "keep": { "type": "object", "properties": keep_props },
+                "time_zone": { "type": "string" },
+                "backups": { "type": "array", "items": r("PruneEntry"), "description": "Newest first." },
+                "kept": { "type": "integer" },
+                "removed": { "type": "integer" },
+                "bytes_freed": { "type": "integer", "description": "Dry run: the estimate; otherwise what the VM's images shrank by." }
+            }
+        },
+        "ImportImage": {
+            "type": "object", "additionalProperties": false, "required": ["path"],
+            "properties": {
+                "path": { "type": "string", "description": "Absolute path on the daemon's machine." },
+                "created_at": { "type": "string", "format": "date-time", "description": "Default: the file's mtime." }
+            }
+        },
+        "ImportRequest": {
+            "type": "object", "additionalProperties": false, "required": ["vm_name", "disk_id", "images"],
+            "properties": {
+                "vm_name": { "type": "string" },
+                "disk_id": { "type": "integer", "minimum": 0 },
+                "images": { "type": "array", "items": r("ImportImage"), "minItems": 1, "maxItems": 10000, "description": "Oldest first." },
+                "change_id": { "type": "string", "description": "The change_id of the last image." },
+                "move": { "type": "boolean", "description": "Remove each source once its point is in the catalog." }
+            }
+        },
+        "ImportReport": {
+            "type": "object", "required": ["vm_name", "disk_id", "points", "bytes_copied", "moved"],
+            "properties": {
+                "vm_name": { "type": "string" },
+                "disk_id": { "type": "integer" },
+                "points": { "type": "array", "items": r("DiskBackupRecord") },
+                "bytes_copied": { "type": "integer" },
+                "moved": { "type": "boolean" }
+            }
+        },
+        "PruneReport": {
+            "type": "object",
+            "required": ["dry_run", "vms", "kept", "removed", "bytes_freed", "errors"],
+            "properties": {
+                "dry_run": { "type": "boolean" },
+                "vms": { "type": "array", "items": r("VmPrune") },
+                "kept": { "type": "integer" },
+                "removed": { "type": "integer" },
+                "bytes_freed": { "type": "integer" },
+                "errors": { "type": "array", "items": { "type": "string" } }
+            }
+        }
+    });
+    let policy_example = json!({ "keep_last": 3, "keep_daily": 7, "keep_weekly": 4, "keep_monthly": 6, "keep_yearly": 1, "time_zone": "Europe/Berlin" });
+    let put = |op: &str, what: &str| {
+        json!({
+            "operationId": op,
+            "summary": format!("Set {what}. The body replaces the whole policy."),
+            "requestBody": body("PolicyRequest", policy_example.clone()),
+            "responses": responses(ok("The policy as stored.", r("PolicyView")), &[
+                ("400", "A negative or absurd count (over 100000), an unknown time zone or field, a schedule that cannot be read, or a chain length under 2."),
+                ("413", TOO_LARGE),
+                ("415", BAD_TYPE)
+            ])
+        })
+    };
+    let paths = json!({
+        "/api/v1/policies": {
+            "get": {
+                "operationId": "listPolicies",
+                "summary": "The server-wide default policy and every VM's own.",
+                "responses": responses(ok("The policies.", r("PolicyList")), &[])
+            }
+        },
+        "/api/v1/policies/default": {
+            "get": {
+                "operationId": "getDefaultPolicy",
+                "summary": "The server-wide default policy (for VMs without their own).",
+                "responses": responses(ok("The default, or source \"none\".", r("PolicyView")), &[])
+            },
+            "put": put("putDefaultPolicy", "the server-wide default policy"),
+            "delete": {
+                "operationId": "deleteDefaultPolicy",
+                "summary": "Remove the default policy.",
+                "responses": responses(ok("What applies now.", r("PolicyView")), &[("404", "There is no default policy.")])
+            }
+        },
+        "/api/v1/policies/vms/{vm_name}": {
+            "parameters": [ path_param("vm_name", "The VM's name.") ],
+            "get": {
+                "operationId": "getVmPolicy",
+                "summary": "The policy that applies to the VM: its own (source \"vm\"), else the default.",
+                "responses": responses(ok("The policy and its source.", r("PolicyView")), &[])
+            },
+            "put": put("putVmPolicy", "the VM's own policy"),
+            "delete": {
+                "operationId": "deleteVmPolicy",
+                "summary": "Remove the VM's own policy: the default applies again.",
+                "responses": responses(ok("What applies now.", r("PolicyView")), &[("404", "The VM has no policy of its own.")])
+            }
+        },
+        "/api/v1/prune": {
+            "post": {
+                "operationId": "prune",
+                "summary": "Apply retention to one VM or to all: every backup with its verdict and reason, and the bytes removing the rest frees. With dry_run nothing is removed. The body may be left out.",
+                "requestBody": {
+                    "required": false,
+                    "content": { "application/json": { "schema": r("PruneRequest"), "example": { "vm_name": "web01", "keep_last": 3, "keep_daily": 7, "dry_run": true } } }
+                },
+                "responses": responses(ok("What was (or would be) kept and removed.", r("PruneReport")), &[
+                    ("400", "A negative or absurd count, or an unknown field."),
+                    ("404", "Unknown VM."),
+                    ("413", TOO_LARGE),
+                    ("415", BAD_TYPE)
+                ])
+            }
+        },
+        "/api/v1/imports": {
+            "post": {
+                "operationId": "import",
+                "summary": "Adopt existing qcow2 files as the next points of one disk, oldest first. Every image is checked (check, virtual size, backing link, times) before any is adopted; then they are copied into the repository with their backing names rewritten, and recorded in one transaction.",
+                "requestBody": body("ImportRequest", json!({ "vm_name": "web01", "disk_id": 0, "images": [ { "path": "/old/web01-full.qcow2", "created_at": "2026-01-01T02:00:00Z" }, { "path": "/old/web01-inc1.qcow2", "created_at": "2026-01-02T02:00:00Z" } ], "change_id": "52 66 8c 2d a7 c5 c5 68-c5 d2 8d 04 79 f5 fd 7d/5490" })),
+                "responses": responses(ok("The new points.", r("ImportReport")), &[
+                    ("400", "An image that is missing, not qcow2, corrupt, of another virtual size, with a backing file that is not the image before it (or for the first, not the disk's newest point), a time that is not later than the point before it or is in the future; nothing was adopted."),
+                    ("409", "A backup of the VM is running."),
+                    ("413", TOO_LARGE),
+                    ("415", BAD_TYPE)
+                ])
+            }
+        }
+    });
+    (schemas, paths)
+}
+
+fn build_core() -> Value {
     let change_id_example = "52 66 8c 2d a7 c5 c5 68-c5 d2 8d 04 79 f5 fd 7d/5490";
     let nullable_string = json!({ "type": ["string", "null"] });
     json!({

@@ -8,6 +8,7 @@
 //! | `disk_backups` | backup id, NUL, disk index (u32 BE) | [`DiskBackupRecord`] (JSON) |
 //! | `disk_index` | vm name, NUL, disk index (u32 BE), NUL, backup id | empty (all points of one disk, in id order) |
 //! | `heads` | vm name, NUL, disk index (u32 BE) | [`ChainHead`] (JSON) |
+//! | `policies` | `default`, or `vm`, NUL, vm name | [`RetentionPolicy`] (JSON) |
 //!
 //! Backup ids sort by time, so id order is time order. Every change that
 //! touches more than one record is one sled transaction, and every
@@ -19,7 +20,7 @@ use std::path::Path;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 
-use crate::model::{BackupRecord, ChainHead, DiskBackupRecord, Status, VmRecord};
+use crate::model::{BackupRecord, ChainHead, DiskBackupRecord, RetentionPolicy, Status, VmRecord};
 
 /// Version of the layout above. Bumped when it changes incompatibly.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -49,6 +50,18 @@ pub struct Catalog {
     disks: sled::Tree,
     index: sled::Tree,
     heads: sled::Tree,
+    policies: sled::Tree,
+}
+
+fn policy_key(vm: Option<&str>) -> Vec<u8> {
+    match vm {
+        None => b"default".to_vec(),
+        Some(v) => {
+            let mut k = b"vm\0".to_vec();
+            k.extend_from_slice(v.as_bytes());
+            k
+        }
+    }
 }
 
 fn disk_key(backup_id: &str, disk_id: u32) -> Vec<u8> {
@@ -150,6 +163,7 @@ impl Catalog {
             disks: db.open_tree("disk_backups")?,
             index: db.open_tree("disk_index")?,
             heads: db.open_tree("heads")?,
+            policies: db.open_tree("policies")?,
             db,
         })
     }
@@ -259,6 +273,34 @@ impl Catalog {
             .backups()?
             .into_iter()
             .find(|b| b.vm_name == vm && b.status == Status::Running))
+    }
+
+    /// The policy of one VM (`Some(name)`) or the server-wide default (`None`).
+    pub fn policy(&self, vm: Option<&str>) -> CatalogResult<Option<RetentionPolicy>> {
+        let k = policy_key(vm);
+        self.policies.get(&k)?.map(|v| dec(&k, &v)).transpose()
+    }
+
+    /// Store (durably) or, with `None`, remove a policy. Returns whether one was there.
+    pub fn set_policy(&self, vm: Option<&str>, p: Option<&RetentionPolicy>) -> CatalogResult<bool> {
+        let k = policy_key(vm);
+        let old = match p {
+            Some(p) => self.policies.insert(&k, enc(p))?,
+            None => self.policies.remove(&k)?,
+        };
+        self.db.flush()?;
+        Ok(old.is_some())
+    }
+
+    /// Every VM's own policy, by VM name.
+    pub fn vm_policies(&self) -> CatalogResult<Vec<(String, RetentionPolicy)>> {
+        self.policies
+            .scan_prefix(b"vm\0")
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((String::from_utf8_lossy(&k[3..]).into_owned(), dec(&k, &v)?))
+            })
+            .collect()
     }
 
     pub fn flush(&self) -> CatalogResult<()> {

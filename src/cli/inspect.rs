@@ -133,6 +133,19 @@ pub(super) enum Source {
 }
 
 impl Source {
+    /// For commands that change the repository: with --data the repository
+    /// is opened for writing (recovery runs first, as at a daemon's start).
+    pub(super) fn open_writable(a: &SourceArgs) -> anyhow::Result<Source> {
+        match &a.data {
+            Some(dir) => {
+                let engine = Engine::open_local(dir)
+                    .with_context(|| format!("cannot open the repository {}", dir.display()))?;
+                Ok(Source::Offline(engine))
+            }
+            None => Source::open(a),
+        }
+    }
+
     pub(super) fn open(a: &SourceArgs) -> anyhow::Result<Source> {
         match &a.data {
             Some(dir) => {

@@ -1,10 +1,9 @@
 //! Lifecycle commands: `backups protect|unprotect|note|delete`.
 //!
 //! Against a daemon (`--server`, the default) or a repository opened
-//! directly (`--data DIR`, the daemon must not be running on it; removals
-//! need the daemon, which consolidates while backups and restores go on).
+//! directly (`--data DIR`, the daemon must not be running on it).
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 
 use super::inspect::{print_json, Source, SourceArgs};
@@ -45,7 +44,7 @@ pub struct NoteArgs {
     pub source: SourceArgs,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(super) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -122,12 +121,23 @@ pub fn note(a: NoteArgs) -> anyhow::Result<u8> {
 
 /// `backups delete`.
 pub fn delete(a: BackupIdArgs) -> anyhow::Result<u8> {
-    let r: DeletedResponse = match Source::open(&a.source)? {
-        Source::Offline(_) => bail!(
-            "deleting needs the daemon (it consolidates the chain while backups and restores go on): \
-             start `chainvault serve` on this repository and run this without --data"
-        ),
-        Source::Http(h) => h.call("DELETE", &format!("/api/v1/backups/{}", a.backup_id), &[], None)?,
+    let r: DeletedResponse = match Source::open_writable(&a.source)? {
+        Source::Offline(e) => {
+            runtime()?.block_on(e.delete_backup(&a.backup_id))?;
+            DeletedResponse {
+                status: "deleted".into(),
+                message: format!("backup {} and its images were deleted", a.backup_id),
+                backup_id: Some(a.backup_id.clone()),
+                restore_id: None,
+                timestamp: now(),
+            }
+        }
+        Source::Http(h) => h.call(
+            "DELETE",
+            &format!("/api/v1/backups/{}", a.backup_id),
+            &[],
+            None,
+        )?,
     };
     if a.json {
         print_json(&r)?;

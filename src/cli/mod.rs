@@ -3,9 +3,11 @@
 pub mod backup;
 pub mod export;
 pub mod image;
+pub mod import;
 pub mod inspect;
 pub mod lifecycle;
 pub mod mount;
+pub mod policy;
 pub mod serve;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +46,15 @@ pub enum Command {
     Backup(backup::BackupArgs),
     /// Mount every completed point in time as a read-only file tree (FUSE).
     Mount(mount::MountArgs),
+    /// Retention policies: how long each VM's backups are kept.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
+    /// Apply retention: list every backup with its verdict, then remove the
+    /// ones no keep option selects (not with --dry-run).
+    Prune(policy::PruneArgs),
+    /// Adopt existing qcow2 files (a qemu-img chain, an old repository) as
+    /// the next points of a disk, oldest first.
+    Import(import::ImportArgs),
 }
 
 /// Where the daemon is, for commands that talk to it.
@@ -95,5 +106,8 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Catalog(c) => inspect::run_catalog(c),
         Command::Backup(a) => backup::run(a),
         Command::Mount(a) => mount::run(a),
+        Command::Policy(c) => policy::run_policy(c),
+        Command::Prune(a) => policy::run_prune(a),
+        Command::Import(a) => import::run(a),
     }
 }

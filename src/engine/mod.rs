@@ -17,8 +17,11 @@
 //!    are never touched.
 
 mod error;
+pub mod import;
 pub mod lifecycle;
+pub mod prune;
 pub mod repo;
+pub mod retention;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -101,6 +104,12 @@ pub struct Engine {
     restores: Mutex<HashMap<String, RestoreEntry>>,
     /// Backups whose files a removal is consolidating right now.
     merging: Mutex<std::collections::HashSet<String>>,
+    /// One prune at a time.
+    prune_lock: tokio::sync::Mutex<()>,
+    /// VMs whose policy is applied at the next turn of the prune task.
+    prune_due: Mutex<std::collections::HashSet<String>>,
+    /// When each VM's scheduled prune last ran (seconds since the epoch).
+    schedule_runs: Mutex<HashMap<String, i64>>,
     bytes_received: AtomicU64,
     shutting_down: AtomicBool,
 }
@@ -177,6 +186,9 @@ impl Engine {
             running: Mutex::new(HashMap::new()),
             restores: Mutex::new(HashMap::new()),
             merging: Mutex::new(Default::default()),
+            prune_lock: tokio::sync::Mutex::new(()),
+            prune_due: Mutex::new(Default::default()),
+            schedule_runs: Mutex::new(HashMap::new()),
             bytes_received: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
         });
@@ -190,6 +202,18 @@ impl Engine {
                     break;
                 }
                 e.expire().await;
+            }
+        });
+        // Retention policies applied by the daemon itself (after backups, on schedules).
+        let weak = Arc::downgrade(&engine);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(e) = weak.upgrade() else { break };
+                if e.shutting_down.load(Ordering::Acquire) {
+                    break;
+                }
+                e.auto_prune().await;
             }
         });
         Ok(engine)
@@ -222,9 +246,22 @@ impl Engine {
             running: Mutex::new(HashMap::new()),
             restores: Mutex::new(HashMap::new()),
             merging: Mutex::new(Default::default()),
+            prune_lock: tokio::sync::Mutex::new(()),
+            prune_due: Mutex::new(Default::default()),
+            schedule_runs: Mutex::new(HashMap::new()),
             bytes_received: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
         }))
+    }
+
+    /// Open a repository no daemon serves, to change it from the command
+    /// line (prune, import, delete): like [`Engine::open_offline`], then the
+    /// daemon's start-up recovery (journals finished, interrupted backups
+    /// marked), so the command starts from the state a daemon would.
+    pub fn open_local(data_dir: &Path) -> EngineResult<Arc<Engine>> {
+        let e = Engine::open_offline(data_dir)?;
+        e.recover()?;
+        Ok(e)
     }
 
     /// The repository root (canonical).
@@ -737,6 +774,9 @@ impl Engine {
         }
         if let Some(b) = bytes {
             self.bytes_received.fetch_add(b, Ordering::Relaxed);
+        }
+        if backup.status == Status::Completed {
+            self.prune_soon(&backup.vm_name);
         }
         info!(change_id = %change_id, size_on_disk, "disk backup completed");
         Ok(CompleteResponse {

@@ -173,6 +173,12 @@ pub fn new_backup_id() -> String {
         ms = now_ms.max(last + 1);
         Some(ms)
     });
+    backup_id_at(ms)
+}
+
+/// A backup id for a point taken at `ms` (milliseconds since the epoch):
+/// imported points get the id of their own time, so ids still sort by time.
+pub fn backup_id_at(ms: i64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
     let fmt = time::macros::format_description!("[year][month][day]T[hour][minute][second]");

@@ -326,9 +326,13 @@ impl Daemon {
         )
     }
     pub fn try_patch_raw(&self, path: &str, body: &str) -> Result<Reply, String> {
+        self.try_send_raw("PATCH", path, body)
+    }
+    /// Any method with a raw JSON body.
+    pub fn try_send_raw(&self, method: &str, path: &str, body: &str) -> Result<Reply, String> {
         Self::finish(
             self.agent
-                .request("PATCH", &self.url(path))
+                .request(method, &self.url(path))
                 .set("Content-Type", "application/json")
                 .send_string(body),
         )
@@ -337,6 +341,11 @@ impl Daemon {
     pub fn patch(&self, path: &str, body: &Value) -> Reply {
         self.try_patch_raw(path, &body.to_string())
             .unwrap_or_else(|e| panic!("PATCH {path}: {e}"))
+    }
+    /// `PUT` with a raw JSON body; panics only when the daemon cannot be reached.
+    pub fn put_raw(&self, path: &str, body: &str) -> Reply {
+        self.try_send_raw("PUT", path, body)
+            .unwrap_or_else(|e| panic!("PUT {path}: {e}"))
     }
     pub fn try_delete(&self, path: &str) -> Result<Reply, String> {
         Self::finish(self.agent.delete(&self.url(path)).call())

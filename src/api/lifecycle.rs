@@ -1,0 +1,79 @@
+//! Handlers of the lifecycle routes: retention policies and prune.
+
+use axum::extract::State;
+use axum::Json;
+use serde::Serialize;
+
+use super::error::ApiResult;
+use super::extract::{ApiJson, ApiPath, OptionalJson};
+use super::handlers::AppState;
+use crate::model::*;
+
+/// `GET /api/v1/policies`: the default and every VM's own policy.
+#[derive(Debug, Serialize)]
+pub struct PolicyList {
+    pub policies: Vec<PolicyView>,
+}
+
+pub async fn list_policies(State(st): State<AppState>) -> ApiResult<Json<PolicyList>> {
+    Ok(Json(PolicyList {
+        policies: st.engine.policies()?,
+    }))
+}
+
+pub async fn get_default_policy(State(st): State<AppState>) -> ApiResult<Json<PolicyView>> {
+    Ok(Json(st.engine.policy(None)?))
+}
+
+pub async fn put_default_policy(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<PolicyRequest>,
+) -> ApiResult<Json<PolicyView>> {
+    Ok(Json(st.engine.set_policy(None, &req)?))
+}
+
+pub async fn delete_default_policy(State(st): State<AppState>) -> ApiResult<Json<PolicyView>> {
+    st.engine.clear_policy(None)?;
+    Ok(Json(st.engine.policy(None)?))
+}
+
+/// The policy that applies to the VM: its own, else the default.
+pub async fn get_vm_policy(
+    State(st): State<AppState>,
+    ApiPath(vm): ApiPath<String>,
+) -> ApiResult<Json<PolicyView>> {
+    Ok(Json(st.engine.policy(Some(&vm))?))
+}
+
+pub async fn put_vm_policy(
+    State(st): State<AppState>,
+    ApiPath(vm): ApiPath<String>,
+    ApiJson(req): ApiJson<PolicyRequest>,
+) -> ApiResult<Json<PolicyView>> {
+    Ok(Json(st.engine.set_policy(Some(&vm), &req)?))
+}
+
+/// Remove the VM's own policy; the answer is what applies now (the default).
+pub async fn delete_vm_policy(
+    State(st): State<AppState>,
+    ApiPath(vm): ApiPath<String>,
+) -> ApiResult<Json<PolicyView>> {
+    st.engine.clear_policy(Some(&vm))?;
+    Ok(Json(st.engine.policy(Some(&vm))?))
+}
+
+/// `POST /api/v1/prune` (an empty body prunes every VM by its policy).
+pub async fn prune(
+    State(st): State<AppState>,
+    OptionalJson(req): OptionalJson<PruneRequest>,
+) -> ApiResult<Json<PruneReport>> {
+    Ok(Json(st.engine.prune(&req).await?))
+}
+
+/// `POST /api/v1/imports`: adopt existing qcow2 files as the next points of a disk.
+pub async fn import(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<ImportRequest>,
+) -> ApiResult<Json<ImportReport>> {
+    Ok(Json(st.engine.import(req).await?))
+}
