@@ -478,6 +478,15 @@ pub struct Metrics {
     pub bytes_received: u64,
     pub active_exports: u64,
     pub active_restores: u64,
+    /// Per VM: name, bytes its images occupy, completed points.
+    #[serde(default)]
+    pub vms: Vec<(String, u64, u64)>,
+    /// Bytes of the whole repository directory.
+    #[serde(default)]
+    pub repository_bytes: u64,
+    /// Free bytes of its file system.
+    #[serde(default)]
+    pub free_bytes: u64,
 }
 
 /// What `chain verify` found.

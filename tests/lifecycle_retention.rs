@@ -832,3 +832,117 @@ fn bad_policies_prunes_and_imports_are_refused_and_change_nothing() {
     compare_qcow("imported overlay", &d.image_of(&id, 0), &ok_copy);
     d.stop();
 }
+
+#[test]
+fn prune_leaves_running_backups_alone_and_works_offline() {
+    tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let d = Daemon::start(&data);
+    let size = MIB;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = if i == 0 {
+            d.start_backup(&start_body(
+                "run",
+                "full",
+                Some(json!([disk_spec(0, size)])),
+            ))
+        } else {
+            d.start_backup(&start_body("run", "incremental", None))
+        };
+        let id = s(&r["backup_id"]);
+        d.complete(&id, 0, &format!("c{i}"), 0);
+        ids.push(id);
+    }
+    // A running backup on top: prune neither removes it nor its parent's
+    // chain under it, and does not count it.
+    let running = s(&d.start_backup(&start_body("run", "incremental", None))["backup_id"]);
+    let r = d.post_ok(
+        "/api/v1/prune",
+        &json!({ "vm_name": "run", "keep_last": 1 }),
+    );
+    let v: Vec<(String, String)> = r["vms"][0]["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (s(&b["backup_id"]), s(&b["verdict"])))
+        .collect();
+    assert_eq!(
+        v,
+        vec![
+            (running.clone(), "running".to_string()),
+            (ids[2].clone(), "keep".to_string()),
+            (ids[1].clone(), "remove".to_string()),
+            (ids[0].clone(), "remove".to_string()),
+        ],
+        "{}",
+        pretty(&r)
+    );
+    assert_eq!(r["removed"], 2, "{}", pretty(&r));
+    d.complete(&running, 0, "c3", 0);
+    let left: Vec<String> = d
+        .list("vm_name=run")
+        .iter()
+        .map(|b| s(&b["backup_id"]))
+        .collect();
+    assert_eq!(left, vec![ids[2].clone(), running.clone()]);
+    check("kept", &d.image_of(&ids[2], 0));
+    check("completed on top", &d.image_of(&running, 0));
+    d.stop();
+
+    // With the daemon stopped, on the repository directly.
+    let ds = data.to_str().unwrap();
+    let src = make_chain(&tmp.path().join("src"), 2, 21);
+    let rep = cli_json(&[
+        "import",
+        "--vm",
+        "off",
+        "--disk",
+        "0",
+        "--data",
+        ds,
+        "--json",
+        "--created-at",
+        "2026-01-01T00:00:00Z",
+        "--created-at",
+        "2026-01-02T00:00:00Z",
+        src[0].to_str().unwrap(),
+        src[1].to_str().unwrap(),
+    ]);
+    let off: Vec<String> = rep["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| s(&p["backup_id"]))
+        .collect();
+    let dry = cli_json(&[
+        "prune",
+        "--vm",
+        "off",
+        "--keep-last",
+        "1",
+        "--dry-run",
+        "--data",
+        ds,
+        "--json",
+    ]);
+    assert_eq!(dry["removed"], 1);
+    let real = cli_json(&[
+        "prune",
+        "--vm",
+        "off",
+        "--keep-last",
+        "1",
+        "--data",
+        ds,
+        "--json",
+    ]);
+    assert_eq!(verdicts(&dry), verdicts(&real));
+    let out = cli(&["backups", "delete", &off[1], "--data", ds]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = cli(&["backups", "list", "--vm", "off", "--data", ds, "--json"]);
+    let l: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(l.as_array().map(|a| a.len()), Some(0), "{}", pretty(&l));
+    verify_offline(&data);
+}

@@ -154,9 +154,19 @@ fn readme_tour_runs_verbatim() {
 
     // What the tour promises the reader.
     let backups: Vec<&str> = stdout.lines().filter(|l| l.starts_with("0 ")).collect();
-    assert_eq!(backups.len(), 2, "two backup summaries expected:\n{show}");
+    assert_eq!(backups.len(), 3, "three backup summaries expected:\n{show}");
     assert!(backups[0].contains(" full "), "{show}");
     assert!(backups[1].contains(" incremental "), "{show}");
+    assert!(backups[2].contains(" incremental "), "{show}");
+    assert!(
+        stdout.contains("kept 1, would remove 1") && stdout.contains("kept 1, removed 1"),
+        "prune's dry run and real run:\n{show}"
+    );
+    assert!(
+        stdout.contains("keep-last"),
+        "the verdict names its option:\n{show}"
+    );
+    assert!(stdout.contains("no orphans"), "gc --dry-run:\n{show}");
     assert!(
         stdout.contains("Q3 figures: 42"),
         "the deleted report was not copied out of the first point:\n{show}"

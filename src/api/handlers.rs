@@ -352,6 +352,42 @@ pub fn render_metrics(m: &Metrics) -> String {
     );
     let _ = writeln!(out, "# TYPE chainvault_active_restores gauge");
     let _ = writeln!(out, "chainvault_active_restores {}", m.active_restores);
+    let _ = writeln!(
+        out,
+        "# HELP chainvault_repository_bytes Bytes the repository directory occupies (images, sidecars, journals, catalog)."
+    );
+    let _ = writeln!(out, "# TYPE chainvault_repository_bytes gauge");
+    let _ = writeln!(out, "chainvault_repository_bytes {}", m.repository_bytes);
+    let _ = writeln!(
+        out,
+        "# HELP chainvault_repository_free_bytes Free bytes of the file system the repository is on."
+    );
+    let _ = writeln!(out, "# TYPE chainvault_repository_free_bytes gauge");
+    let _ = writeln!(out, "chainvault_repository_free_bytes {}", m.free_bytes);
+    let _ = writeln!(
+        out,
+        "# HELP chainvault_vm_bytes Bytes the images of a VM occupy."
+    );
+    let _ = writeln!(out, "# TYPE chainvault_vm_bytes gauge");
+    for (vm, bytes, _) in &m.vms {
+        let _ = writeln!(
+            out,
+            "chainvault_vm_bytes{{vm=\"{}\"}} {bytes}",
+            escape_label(vm)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP chainvault_vm_points Completed points of a VM (all disks)."
+    );
+    let _ = writeln!(out, "# TYPE chainvault_vm_points gauge");
+    for (vm, _, points) in &m.vms {
+        let _ = writeln!(
+            out,
+            "chainvault_vm_points{{vm=\"{}\"}} {points}",
+            escape_label(vm)
+        );
+    }
     out
 }
 
@@ -378,8 +414,17 @@ mod tests {
             bytes_received: 42,
             active_exports: 2,
             active_restores: 1,
+            vms: vec![("web01".into(), 1000, 3)],
+            repository_bytes: 5000,
+            free_bytes: 9000,
         };
         let t = render_metrics(&m);
+        assert!(
+            t.contains("chainvault_vm_bytes{vm=\"web01\"} 1000\n"),
+            "{t}"
+        );
+        assert!(t.contains("chainvault_vm_points{vm=\"web01\"} 3\n"), "{t}");
+        assert!(t.contains("chainvault_repository_free_bytes 9000\n"), "{t}");
         assert!(
             t.contains("chainvault_backups{status=\"completed\"} 3\n"),
             "{t}"

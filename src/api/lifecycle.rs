@@ -1,12 +1,14 @@
-//! Handlers of the lifecycle routes: retention policies and prune.
+//! Handlers of the lifecycle routes: retention policies, prune, import,
+//! garbage collection and usage.
 
 use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
 
 use super::error::ApiResult;
-use super::extract::{ApiJson, ApiPath, OptionalJson};
+use super::extract::{ApiJson, ApiPath, ApiQuery, OptionalJson};
 use super::handlers::AppState;
+use crate::engine::space::{GcReport, GcRequest, UsageReport};
 use crate::model::*;
 
 /// `GET /api/v1/policies`: the default and every VM's own policy.
@@ -76,4 +78,29 @@ pub async fn import(
     ApiJson(req): ApiJson<ImportRequest>,
 ) -> ApiResult<Json<ImportReport>> {
     Ok(Json(st.engine.import(req).await?))
+}
+
+/// `POST /api/v1/gc`: find (and unless `dry_run`, remove) orphans.
+pub async fn gc(
+    State(st): State<AppState>,
+    OptionalJson(req): OptionalJson<GcRequest>,
+) -> ApiResult<Json<GcReport>> {
+    Ok(Json(st.engine.gc(req.dry_run).await?))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageQuery {
+    #[serde(default)]
+    pub vm_name: Option<String>,
+}
+
+/// `GET /api/v1/usage?vm_name=`.
+pub async fn usage(
+    State(st): State<AppState>,
+    ApiQuery(q): ApiQuery<UsageQuery>,
+) -> ApiResult<Json<UsageReport>> {
+    let engine = st.engine.clone();
+    let r = tokio::task::spawn_blocking(move || engine.usage(q.vm_name.as_deref(), true)).await??;
+    Ok(Json(r))
 }

@@ -59,6 +59,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/api/v1/policies/vms/{vm_name}"),
     ("post", "/api/v1/prune"),
     ("post", "/api/v1/imports"),
+    ("post", "/api/v1/gc"),
+    ("get", "/api/v1/usage"),
     ("get", "/api/v1/verify"),
     ("get", "/api/v1/openapi.json"),
     ("get", "/healthz"),
@@ -116,6 +118,8 @@ pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
         )
         .route("/api/v1/prune", post(lifecycle::prune))
         .route("/api/v1/imports", post(lifecycle::import))
+        .route("/api/v1/gc", post(lifecycle::gc))
+        .route("/api/v1/usage", get(lifecycle::usage))
         .route("/api/v1/verify", get(handlers::verify))
         .route("/api/v1/openapi.json", get(handlers::openapi))
         .route("/healthz", get(handlers::healthz))

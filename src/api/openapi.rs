@@ -183,6 +183,44 @@ fn lifecycle() -> (Value, Value) {
                 "moved": { "type": "boolean" }
             }
         },
+        "Orphan": {
+            "type": "object", "required": ["path", "bytes", "reason"],
+            "properties": { "path": { "type": "string" }, "bytes": { "type": "integer" }, "reason": { "type": "string" } }
+        },
+        "GcRequest": { "type": "object", "additionalProperties": false, "properties": { "dry_run": { "type": "boolean" } } },
+        "GcReport": {
+            "type": "object", "required": ["dry_run", "orphans", "bytes", "removed", "directories_removed"],
+            "properties": {
+                "dry_run": { "type": "boolean" },
+                "orphans": { "type": "array", "items": r("Orphan") },
+                "bytes": { "type": "integer" },
+                "removed": { "type": "integer" },
+                "directories_removed": { "type": "integer" }
+            }
+        },
+        "PointUsage": {
+            "type": "object", "required": ["backup_id", "created_at", "bytes", "frees", "protected"],
+            "properties": {
+                "backup_id": { "type": "string" }, "created_at": { "type": "string" },
+                "bytes": { "type": "integer", "description": "Bytes its image occupies." },
+                "frees": { "type": "integer", "description": "Bytes removing it alone would free (estimate)." },
+                "protected": { "type": "boolean" }
+            }
+        },
+        "DiskUsage": { "type": "object", "required": ["disk_id", "bytes", "points"],
+            "properties": { "disk_id": { "type": "integer" }, "bytes": { "type": "integer" }, "points": { "type": "array", "items": r("PointUsage") } } },
+        "VmUsage": { "type": "object", "required": ["vm_name", "bytes", "points", "disks"],
+            "properties": { "vm_name": { "type": "string" }, "bytes": { "type": "integer" }, "points": { "type": "integer" }, "disks": { "type": "array", "items": r("DiskUsage") } } },
+        "UsageReport": {
+            "type": "object", "required": ["vms", "bytes", "repository_bytes", "free_bytes", "filesystem_bytes"],
+            "properties": {
+                "vms": { "type": "array", "items": r("VmUsage") },
+                "bytes": { "type": "integer" },
+                "repository_bytes": { "type": "integer" },
+                "free_bytes": { "type": "integer" },
+                "filesystem_bytes": { "type": "integer" }
+            }
+        },
         "PruneReport": {
             "type": "object",
             "required": ["dry_run", "vms", "kept", "removed", "bytes_freed", "errors"],
@@ -271,6 +309,27 @@ fn lifecycle() -> (Value, Value) {
                     ("413", TOO_LARGE),
                     ("415", BAD_TYPE)
                 ])
+            }
+        },
+        "/api/v1/gc": {
+            "post": {
+                "operationId": "gc",
+                "summary": "Find the files no catalog record or journal accounts for (leftovers of crashes) and, unless dry_run, remove them. The body may be left out.",
+                "requestBody": { "required": false, "content": { "application/json": { "schema": r("GcRequest"), "example": { "dry_run": true } } } },
+                "responses": responses(ok("The orphans found (and removed).", r("GcReport")), &[
+                    ("400", BAD_BODY),
+                    ("409", "A removal is consolidating a chain; try again when it ends."),
+                    ("413", TOO_LARGE),
+                    ("415", BAD_TYPE)
+                ])
+            }
+        },
+        "/api/v1/usage": {
+            "get": {
+                "operationId": "usage",
+                "summary": "Bytes each VM, disk and point occupies, what removing each point would free, the repository total and the free space.",
+                "parameters": [ query("vm_name", false, "Only this VM.", json!({ "type": "string" })) ],
+                "responses": responses(ok("Usage.", r("UsageReport")), &[("404", "Unknown VM.")])
             }
         }
     });
@@ -685,7 +744,7 @@ fn build_core() -> Value {
             "/metrics": {
                 "get": {
                     "operationId": "metrics",
-                    "summary": "Prometheus text exposition: chainvault_backups{status}, chainvault_bytes_received_total, chainvault_active_exports, chainvault_active_restores.",
+                    "summary": "Prometheus text exposition: chainvault_backups{status}, chainvault_bytes_received_total, chainvault_active_exports, chainvault_active_restores, chainvault_repository_bytes, chainvault_repository_free_bytes, chainvault_vm_bytes{vm}, chainvault_vm_points{vm}.",
                     "responses": responses(json!({
                         "description": "Metrics in the Prometheus text format 0.0.4.",
                         "content": { "text/plain": { "schema": { "type": "string" } } }

@@ -9,6 +9,7 @@ pub mod lifecycle;
 pub mod mount;
 pub mod policy;
 pub mod serve;
+pub mod space;
 
 use clap::{Parser, Subcommand};
 
@@ -55,6 +56,12 @@ pub enum Command {
     /// Adopt existing qcow2 files (a qemu-img chain, an old repository) as
     /// the next points of a disk, oldest first.
     Import(import::ImportArgs),
+    /// Find (and remove) files no catalog record or journal accounts for:
+    /// the leftovers of crashes.
+    Gc(space::GcArgs),
+    /// What each VM, disk and point occupies, what removing a point would
+    /// free, and the repository's total and free space.
+    Usage(space::UsageArgs),
 }
 
 /// Where the daemon is, for commands that talk to it.
@@ -109,5 +116,7 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Policy(c) => policy::run_policy(c),
         Command::Prune(a) => policy::run_prune(a),
         Command::Import(a) => import::run(a),
+        Command::Gc(a) => space::run_gc(a),
+        Command::Usage(a) => space::run_usage(a),
     }
 }

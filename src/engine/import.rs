@@ -93,7 +93,7 @@ struct Checked {
 impl Engine {
     /// Import `req.images` as the next points of one disk (see the module docs).
     pub async fn import(&self, req: ImportRequest) -> EngineResult<ImportReport> {
-        self.check_open()?;
+        self.check_not_stopping()?;
         validate_vm_name(&req.vm_name)?;
         if req.images.is_empty() {
             return Err(bad(
@@ -114,7 +114,7 @@ impl Engine {
             }
         }
         let _op = self.op.lock().await;
-        self.check_open()?;
+        self.check_not_stopping()?;
         let vm = req.vm_name.clone();
         let disk_id = req.disk_id;
         if let Some(b) = self.catalog.running_backup_of(&vm).map_err(cat)? {
@@ -205,10 +205,12 @@ impl Engine {
                 )));
             }
             match capacity {
-                Some(c) if c != size => return Err(bad(format!(
+                Some(c) if c != size => {
+                    return Err(bad(format!(
                     "{} has a virtual size of {size} bytes; disk {disk_id} of VM {vm:?} has {c}",
                     name()
-                ))),
+                )))
+                }
                 _ => capacity = Some(size),
             }
             // The backing file.
@@ -433,7 +435,7 @@ impl Engine {
                     )));
                 }
                 disk.status = Status::Completed;
-                disk.size_on_disk = Some(super::prune::allocated(&abs));
+                disk.size_on_disk = Some(super::space::allocated(&abs));
                 parent = Some(id);
                 records.push((backup, disk));
             }

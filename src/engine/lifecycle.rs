@@ -116,10 +116,7 @@ pub fn pending(data: &Path) -> Vec<(PathBuf, Result<Journal, String>)> {
         .collect()
 }
 
-fn allocated(p: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
-}
+use super::space::allocated;
 
 fn chain_opts(data: &Path) -> ChainOptions {
     ChainOptions {
@@ -348,7 +345,7 @@ impl Engine {
 
     /// Remove a backup (every disk of it), anywhere in its chains.
     pub async fn delete_backup(&self, backup_id: &str) -> EngineResult<()> {
-        self.check_open()?;
+        self.check_not_stopping()?;
         let (journals, paths) = {
             let _op = self.op.lock().await;
             let b = self

@@ -16,12 +16,14 @@
 //!    its image deleted; it is never listed as a restore point. Completed disks
 //!    are never touched.
 
+mod depth;
 mod error;
 pub mod import;
 pub mod lifecycle;
 pub mod prune;
 pub mod repo;
 pub mod retention;
+pub mod space;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -283,10 +285,18 @@ impl Engine {
     }
 
     fn check_open(&self) -> EngineResult<()> {
+        self.check_not_stopping()?;
+        self.server().map(|_| ())
+    }
+
+    /// For work that needs no NBD server (removals, prune, import, gc): a
+    /// daemon that is stopping refuses it; an engine opened with
+    /// [`Engine::open_local`] does it.
+    fn check_not_stopping(&self) -> EngineResult<()> {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(EngineError::ShuttingDown);
         }
-        self.server().map(|_| ())
+        Ok(())
     }
 
     fn abs(&self, rel: &str) -> PathBuf {
@@ -985,12 +995,42 @@ impl Engine {
         status: Option<Status>,
     ) -> EngineResult<Vec<BackupView>> {
         let mut out = Vec::new();
-        for b in self.catalog.backups().map_err(cat)? {
-            if vm_name.is_some_and(|v| v != b.vm_name) || status.is_some_and(|s| s != b.status) {
-                continue;
+        let backups = self.catalog.backups().map_err(cat)?;
+        let wanted = |b: &BackupRecord| {
+            vm_name.is_none_or(|v| v == b.vm_name) && status.is_none_or(|s| s == b.status)
+        };
+        if vm_name.is_some() || backups.len() < 64 {
+            for b in backups.into_iter().filter(|b| wanted(b)) {
+                let disks = self.catalog.disks_of(&b.backup_id).map_err(cat)?;
+                out.push(BackupView { backup: b, disks });
             }
-            let disks = self.catalog.disks_of(&b.backup_id).map_err(cat)?;
-            out.push(BackupView { backup: b, disks });
+            return Ok(out);
+        }
+        // Many backups: one pass over all disk records (both trees are in
+        // backup id order) instead of one lookup per backup.
+        let mut disks = self
+            .catalog
+            .all_disks()
+            .map_err(cat)?
+            .into_iter()
+            .peekable();
+        for b in backups {
+            let mut mine = Vec::new();
+            while let Some(d) = disks.peek() {
+                if d.backup_id < b.backup_id {
+                    disks.next();
+                } else if d.backup_id == b.backup_id {
+                    mine.extend(disks.next());
+                } else {
+                    break;
+                }
+            }
+            if wanted(&b) {
+                out.push(BackupView {
+                    backup: b,
+                    disks: mine,
+                });
+            }
         }
         Ok(out)
     }
@@ -1129,11 +1169,23 @@ impl Engine {
             )
         };
         let restores = lock(&self.restores).len() as u64;
+        let usage = self.usage(None, false).ok();
         Metrics {
             backups_by_status,
             bytes_received: self.bytes_received.load(Ordering::Relaxed) + live,
             active_exports: running + restores,
             active_restores: restores,
+            vms: usage
+                .as_ref()
+                .map(|u| {
+                    u.vms
+                        .iter()
+                        .map(|v| (v.vm_name.clone(), v.bytes, v.points))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            repository_bytes: usage.as_ref().map(|u| u.repository_bytes).unwrap_or(0),
+            free_bytes: usage.as_ref().map(|u| u.free_bytes).unwrap_or(0),
         }
     }
 
@@ -1239,18 +1291,17 @@ impl Engine {
                 )),
             }
         }
-        // Files the catalog does not know.
-        let known: std::collections::HashSet<PathBuf> =
-            all.iter().map(|d| self.abs(&d.image)).collect();
-        for img in repo::all_images(&self.data) {
-            if !known.contains(&img) {
-                let in_scope = vm_name.is_none_or(|v| {
-                    img.starts_with(self.data.join("vms").join(repo::encode_vm(v)))
-                });
-                if in_scope {
-                    rep.problems
-                        .push(format!("{}: image not in the catalog", img.display()));
-                }
+        // Files no record or journal accounts for (engine/space.rs).
+        let scope = vm_name.map(|v| format!("vms/{}/", repo::encode_vm(v)));
+        for o in self.orphans()? {
+            if scope
+                .as_ref()
+                .is_none_or(|s| o.path.starts_with(s.as_str()))
+            {
+                rep.problems.push(format!(
+                    "orphan {} ({}, {} bytes): `chainvault gc` removes it",
+                    o.path, o.reason, o.bytes
+                ));
             }
         }
         Ok(rep)
@@ -1263,6 +1314,9 @@ impl Engine {
     fn recover(&self) -> EngineResult<()> {
         // Removals a crash cut off are finished first (engine/lifecycle.rs).
         self.finish_journals()?;
+        // A depth-limit rewrite cut off between its rename and its catalog
+        // transaction (engine/depth.rs).
+        self.finish_flattens()?;
         for b in self.catalog.backups().map_err(cat)? {
             if b.status != Status::Running {
                 continue;

@@ -8,12 +8,11 @@
 //! counts for that run (its time zone still applies).
 
 use std::collections::HashMap;
-use std::path::Path;
 
-use chainvault_qcow::{ExtentKind, Image, OpenOptions};
 use tracing::{info, warn};
 
 use super::retention::{self, Candidate, KeepOptions, Rule, Verdict};
+use super::space::{allocated, own_ranges, uncovered, union};
 use super::{cat, lock, validate_vm_name, Engine, EngineError, EngineResult};
 use crate::model::*;
 
@@ -90,76 +89,6 @@ fn unix(rfc3339: &str) -> i64 {
     time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
         .map(|t| t.unix_timestamp())
         .unwrap_or(0)
-}
-
-/// Guest ranges an image's own layer holds (data or recorded zeros), merged.
-fn own_ranges(path: &Path) -> Vec<(u64, u64)> {
-    let Ok(img) = Image::open(path, &OpenOptions::default()) else {
-        return Vec::new();
-    };
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    let Ok(ext) = img.block_status(0, img.size()) else {
-        return Vec::new();
-    };
-    for e in ext {
-        if e.kind == ExtentKind::Unallocated {
-            continue;
-        }
-        match out.last_mut() {
-            Some(l) if l.0 + l.1 == e.offset => l.1 += e.length,
-            _ => out.push((e.offset, e.length)),
-        }
-    }
-    out
-}
-
-/// Bytes of `a` not covered by `b` (both sorted, merged).
-fn uncovered(a: &[(u64, u64)], b: &[(u64, u64)]) -> u64 {
-    let mut total = 0;
-    let mut j = 0;
-    for &(s, l) in a {
-        let e = s + l;
-        let mut pos = s;
-        while j < b.len() && b[j].0 + b[j].1 <= pos {
-            j += 1;
-        }
-        let mut k = j;
-        while pos < e {
-            match b.get(k) {
-                Some(&(bs, bl)) if bs < e => {
-                    if bs > pos {
-                        total += bs - pos;
-                    }
-                    pos = pos.max(bs + bl);
-                    k += 1;
-                }
-                _ => {
-                    total += e - pos;
-                    pos = e;
-                }
-            }
-        }
-    }
-    total
-}
-
-/// Union of two sorted, merged range lists.
-fn union(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut all: Vec<(u64, u64)> = a.iter().chain(b).copied().collect();
-    all.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(all.len());
-    for (s, l) in all {
-        match out.last_mut() {
-            Some(o) if s <= o.0 + o.1 => o.1 = o.1.max(s + l - o.0),
-            _ => out.push((s, l)),
-        }
-    }
-    out
-}
-
-pub(super) fn allocated(p: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(p).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
 impl Engine {
@@ -265,7 +194,7 @@ impl Engine {
 
     /// Decide (and unless `dry_run`, carry out) the prune of one VM or of all.
     pub async fn prune(&self, req: &PruneRequest) -> EngineResult<PruneReport> {
-        self.check_open()?;
+        self.check_not_stopping()?;
         let (over, overridden) = keep_options(req.counts())?;
         let vms: Vec<String> = match &req.vm_name {
             Some(v) => {
@@ -487,12 +416,18 @@ impl Engine {
     pub(super) async fn auto_prune(&self) {
         let due: Vec<String> = lock(&self.prune_due).drain().collect();
         let mut run: Vec<String> = Vec::new();
+        let mut depth: Vec<(String, u32)> = Vec::new();
         for vm in due {
-            match self.policy(Some(&vm)) {
-                Ok(PolicyView {
-                    policy: Some(p), ..
-                }) if p.prune == PruneWhen::AfterBackup && p.keep.keeps_something() => run.push(vm),
-                _ => {}
+            if let Ok(PolicyView {
+                policy: Some(p), ..
+            }) = self.policy(Some(&vm))
+            {
+                if p.prune == PruneWhen::AfterBackup && p.keep.keeps_something() {
+                    run.push(vm.clone());
+                }
+                if let Some(m) = p.max_chain_length {
+                    depth.push((vm, m));
+                }
             }
         }
         // Schedules: a VM's own policy, or the default for VMs without one.
@@ -536,6 +471,12 @@ impl Engine {
                 Err(e) => warn!(vm = %vm, error = %e, "the retention policy could not be applied"),
             }
         }
+        // The depth limit after retention: what retention removed no longer counts.
+        for (vm, max) in depth {
+            if let Err(e) = self.enforce_depth(&vm, max).await {
+                warn!(vm = %vm, error = %e, "the chain depth limit could not be applied");
+            }
+        }
     }
 }
 
@@ -571,17 +512,6 @@ fn schedule_due(s: Schedule, prev: i64, now: i64, tz: &jiff::tz::TimeZone) -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ranges() {
-        let a = vec![(0, 10), (20, 10)];
-        let b = vec![(5, 20)];
-        assert_eq!(uncovered(&a, &b), 5 + 5);
-        assert_eq!(uncovered(&a, &[]), 20);
-        assert_eq!(uncovered(&[], &b), 0);
-        assert_eq!(union(&a, &b), vec![(0, 30)]);
-        assert_eq!(uncovered(&[(0, 100)], &[(10, 10), (30, 10), (90, 20)]), 70);
-    }
 
     #[test]
     fn schedules() {

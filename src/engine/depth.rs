@@ -1,0 +1,260 @@
+//! The chain depth limit: a policy's `max_chain_length`.
+//!
+//! When a completed backup leaves a disk's current chain longer than the
+//! limit, the newest point (the chain head) is rewritten as a standalone full
+//! image holding exactly the bytes it reads (a synthetic full), and a new
+//! chain starts at it. No point is lost and none changes what it reads: the
+//! head is a leaf, so nothing reads through it, and the older points keep
+//! their chain as it was; retention removes them in its own time. The next
+//! incremental then builds on a chain of one.
+//!
+//! Steps: the full is written under a hidden name beside the head, flushed,
+//! fsynced and checked; it is renamed over the head's file (one atomic step:
+//! readers holding the old file keep reading it, new opens see the full); one
+//! catalog transaction then gives the point no parent and a new chain id, and
+//! the sidecar follows. A crash before the rename leaves a temporary file
+//! (`chainvault gc` removes it); a crash after it leaves a head whose file
+//! has no backing file while the catalog still names a parent, which start-up
+//! recovery completes ([`Engine::finish_flattens`]).
+
+use std::sync::Arc;
+
+use chainvault_qcow::create::create;
+use chainvault_qcow::{check, Chain, CheckOptions, CreateOptions, ExtentKind, Image, OpenOptions};
+use tracing::{info, warn};
+
+use super::{cat, lock, repo, Engine, EngineError, EngineResult};
+use crate::catalog::Change;
+use crate::model::*;
+
+/// Copy every byte `chain` reads into the empty image `dst`.
+fn flatten_into(chain: &Chain, dst: &Image) -> chainvault_qcow::Result<()> {
+    let size = chain.size();
+    let mut buf = Vec::new();
+    let mut off = 0u64;
+    const WINDOW: u64 = 256 << 20;
+    const PIECE: u64 = 4 << 20;
+    while off < size {
+        let win = (size - off).min(WINDOW);
+        for e in chain.block_status(off, win)? {
+            if e.kind != ExtentKind::Data {
+                continue;
+            }
+            let mut p = e.offset;
+            while p < e.offset + e.length {
+                let n = (e.offset + e.length - p).min(PIECE) as usize;
+                buf.resize(n, 0);
+                chain.read_at(&mut buf[..n], p)?;
+                if buf[..n].iter().any(|b| *b != 0) {
+                    dst.write_at(&buf[..n], p)?;
+                }
+                p += n as u64;
+            }
+        }
+        off += win;
+    }
+    dst.flush()
+}
+
+impl Engine {
+    /// Length of the current chain of one disk: the head and its ancestors.
+    fn chain_length(
+        &self,
+        vm: &str,
+        disk_id: u32,
+    ) -> EngineResult<Option<(DiskBackupRecord, usize)>> {
+        let Some(h) = self.catalog.head(vm, disk_id).map_err(cat)? else {
+            return Ok(None);
+        };
+        let Some(head) = self.catalog.disk(&h.head_backup_id, disk_id).map_err(cat)? else {
+            return Ok(None);
+        };
+        let mut n = 1;
+        let mut cur = head.parent_backup_id.clone();
+        while let Some(p) = cur {
+            n += 1;
+            cur = self
+                .catalog
+                .disk(&p, disk_id)
+                .map_err(cat)?
+                .and_then(|d| d.parent_backup_id);
+            if n > 1_000_000 {
+                return Err(EngineError::Internal(format!(
+                    "disk {disk_id} of VM {vm:?}: the chain's parents loop"
+                )));
+            }
+        }
+        Ok(Some((head, n)))
+    }
+
+    /// Apply the VM's depth limit to each of its disks (see the module docs).
+    /// Returns the points rewritten as fulls.
+    pub async fn enforce_depth(&self, vm: &str, max: u32) -> EngineResult<Vec<String>> {
+        let mut done = Vec::new();
+        let disks = self
+            .catalog
+            .vm(vm)
+            .map_err(cat)?
+            .map(|v| v.disks)
+            .unwrap_or_default();
+        for d in disks {
+            let (head, chain_id, opts) = {
+                let _op = self.op.lock().await;
+                let Some((head, n)) = self.chain_length(vm, d.disk_id)? else {
+                    continue;
+                };
+                if n <= max as usize || head.status != Status::Completed {
+                    continue;
+                }
+                let mut m = lock(&self.merging);
+                if m.contains(&head.backup_id) {
+                    continue;
+                }
+                m.insert(head.backup_id.clone());
+                info!(vm = %vm, disk = d.disk_id, backup = %head.backup_id, length = n, max, "the chain is longer than its limit: the newest point becomes a full");
+                let opts = CreateOptions {
+                    size: head.capacity_bytes,
+                    cluster_size: self.cfg.cluster_size,
+                    extended_l2: self.cfg.extended_l2,
+                    refcount_bits: 16,
+                    backing: None,
+                };
+                (head, format!("c-{}", repo::random_hex(6)), opts)
+            };
+            let res = self.flatten(&head, opts).await;
+            lock(&self.merging).remove(&head.backup_id);
+            match res {
+                Ok(()) => {
+                    self.finish_flatten(&head.backup_id, head.disk_id, &chain_id, max)
+                        .await?;
+                    done.push(head.backup_id.clone());
+                }
+                Err(e) => {
+                    warn!(backup = %head.backup_id, error = %e, "the depth limit could not rewrite the newest point; the chain stays as it is");
+                    return Err(e);
+                }
+            }
+        }
+        Ok(done)
+    }
+
+    /// Write the full beside the head and rename it over the head's file.
+    async fn flatten(&self, head: &DiskBackupRecord, opts: CreateOptions) -> EngineResult<()> {
+        let img = self.abs(&head.image);
+        let tmp = img.with_file_name(format!(".flatten-{}.qcow2.tmp", head.backup_id));
+        let chain_opts = self.chain_options(false);
+        tokio::task::spawn_blocking(move || -> EngineResult<()> {
+            let _ = std::fs::remove_file(&tmp);
+            let chain = Arc::new(Chain::open(&img, &chain_opts)?);
+            create(&tmp, &opts)?;
+            let res = (|| -> EngineResult<()> {
+                let dst = Image::open(
+                    &tmp,
+                    &OpenOptions {
+                        writable: true,
+                        ..Default::default()
+                    },
+                )?;
+                flatten_into(&chain, &dst)?;
+                drop(dst);
+                std::fs::File::open(&tmp)
+                    .and_then(|f| f.sync_all())
+                    .map_err(EngineError::internal)?;
+                let rep = check(&tmp, &CheckOptions::default())?;
+                if rep.exit_code() != 0 {
+                    return Err(EngineError::Internal(format!(
+                        "the full written for {} does not check clean",
+                        img.display()
+                    )));
+                }
+                super::crash_point("depth:before-rename");
+                std::fs::rename(&tmp, &img).map_err(EngineError::internal)?;
+                if let Some(dir) = img.parent() {
+                    repo::sync_dir(dir).map_err(EngineError::internal)?;
+                }
+                Ok(())
+            })();
+            if res.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            res
+        })
+        .await
+        .map_err(EngineError::internal)?
+    }
+
+    /// The catalog side of a flatten: the point has no parent and starts
+    /// `chain_id`; points built on it meanwhile follow.
+    async fn finish_flatten(
+        &self,
+        backup_id: &str,
+        disk_id: u32,
+        chain_id: &str,
+        max: u32,
+    ) -> EngineResult<()> {
+        super::crash_point("depth:after-rename");
+        let _op = self.op.lock().await;
+        self.flatten_catalog(backup_id, disk_id, chain_id, Some(max))
+    }
+
+    fn flatten_catalog(
+        &self,
+        backup_id: &str,
+        disk_id: u32,
+        chain_id: &str,
+        max: Option<u32>,
+    ) -> EngineResult<()> {
+        let Some(mut d) = self.catalog.disk(backup_id, disk_id).map_err(cat)? else {
+            return Ok(());
+        };
+        let old_chain = d.chain_id.clone();
+        d.parent_backup_id = None;
+        d.chain_id = chain_id.to_string();
+        d.reason = Some(match max {
+            Some(m) => format!("rewritten as a full: the chain passed its limit of {m} points"),
+            None => "rewritten as a full (depth limit; finished at start-up)".into(),
+        });
+        d.size_on_disk = Some(super::space::allocated(&self.abs(&d.image)));
+        let mut changes = vec![Change::PutDisk(d.clone())];
+        for c in self.catalog.points_of(&d.vm_name, disk_id).map_err(cat)? {
+            if c.parent_backup_id.as_deref() == Some(backup_id) && c.chain_id == old_chain {
+                let mut c = c;
+                c.chain_id = chain_id.to_string();
+                changes.push(Change::PutDisk(c));
+            }
+        }
+        if let Some(mut h) = self.catalog.head(&d.vm_name, disk_id).map_err(cat)? {
+            if h.chain_id == old_chain {
+                h.chain_id = chain_id.to_string();
+                changes.push(Change::PutHead(h));
+            }
+        }
+        self.catalog.apply(&changes).map_err(cat)?;
+        if let Some(b) = self.catalog.backup(backup_id).map_err(cat)? {
+            let _ = repo::write_sidecar(&self.abs(&d.image), &repo::Sidecar::new(&b, &d));
+        }
+        Ok(())
+    }
+
+    /// Start-up: a completed point whose file has no backing file while the
+    /// catalog names a parent was rewritten as a full just before a stop.
+    pub(super) fn finish_flattens(&self) -> EngineResult<()> {
+        for d in self.catalog.all_disks().map_err(cat)? {
+            if d.status != Status::Completed || d.parent_backup_id.is_none() {
+                continue;
+            }
+            let abs = self.abs(&d.image);
+            if !abs.exists() {
+                continue;
+            }
+            if let Ok(h) = chainvault_qcow::chain::read_header(&abs) {
+                if h.backing_file.is_none() {
+                    warn!(backup = %d.backup_id, disk = d.disk_id, "finishing a depth-limit rewrite a stop interrupted");
+                    let chain_id = format!("c-{}", repo::random_hex(6));
+                    self.flatten_catalog(&d.backup_id, d.disk_id, &chain_id, None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
