@@ -305,7 +305,7 @@ fn lifecycle() -> (Value, Value) {
                 "requestBody": body("ImportRequest", json!({ "vm_name": "web01", "disk_id": 0, "images": [ { "path": "/old/web01-full.qcow2", "created_at": "2026-01-01T02:00:00Z" }, { "path": "/old/web01-inc1.qcow2", "created_at": "2026-01-02T02:00:00Z" } ], "change_id": "52 66 8c 2d a7 c5 c5 68-c5 d2 8d 04 79 f5 fd 7d/5490" })),
                 "responses": responses(ok("The new points.", r("ImportReport")), &[
                     ("400", "An image that is missing, not qcow2, corrupt, of another virtual size, with a backing file that is not the image before it (or for the first, not the disk's newest point), a time that is not later than the point before it or is in the future; nothing was adopted."),
-                    ("409", "A backup of the VM is running."),
+                    ("409", "A backup of the VM is running, or a backup or another import of the VM ended while the images were copied (nothing adopted)."),
                     ("413", TOO_LARGE),
                     ("415", BAD_TYPE)
                 ])
@@ -318,7 +318,7 @@ fn lifecycle() -> (Value, Value) {
                 "requestBody": { "required": false, "content": { "application/json": { "schema": r("GcRequest"), "example": { "dry_run": true } } } },
                 "responses": responses(ok("The orphans found (and removed).", r("GcReport")), &[
                     ("400", BAD_BODY),
-                    ("409", "A removal is consolidating a chain; try again when it ends."),
+                    ("409", "A removal is consolidating a chain, or an import is copying; try again when it ends."),
                     ("413", TOO_LARGE),
                     ("415", BAD_TYPE)
                 ])

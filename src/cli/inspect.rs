@@ -168,16 +168,31 @@ impl Source {
     ) -> anyhow::Result<Vec<BackupView>> {
         match self {
             Source::Offline(e) => Ok(e.list_backups(vm, status)?),
-            Source::Http(h) => {
-                let mut q = Vec::new();
-                if let Some(vm) = vm {
-                    q.push(("vm_name", vm.to_string()));
-                }
-                if let Some(s) = status {
-                    q.push(("status", s.as_str().to_string()));
-                }
-                Ok(h.get::<BackupList>("/api/v1/backups", &q)?.backups)
-            }
+            Source::Http(h) => Ok(h
+                .get::<BackupList>("/api/v1/backups", &list_query(vm, status))?
+                .backups),
+        }
+    }
+
+    /// The listing as the daemon encoded it (for `--json`: printed as it
+    /// comes, without decoding and encoding thousands of records again).
+    fn list_backups_raw(
+        &self,
+        vm: Option<&str>,
+        status: Option<Status>,
+    ) -> anyhow::Result<Option<String>> {
+        #[derive(serde::Deserialize)]
+        struct Raw {
+            backups: Box<serde_json::value::RawValue>,
+        }
+        match self {
+            Source::Offline(_) => Ok(None),
+            Source::Http(h) => Ok(Some(
+                h.get::<Raw>("/api/v1/backups", &list_query(vm, status))?
+                    .backups
+                    .get()
+                    .to_string(),
+            )),
         }
     }
 
@@ -298,6 +313,18 @@ impl HttpSource {
     }
 }
 
+/// Query parameters of `GET /api/v1/backups`.
+fn list_query(vm: Option<&str>, status: Option<Status>) -> Vec<(&'static str, String)> {
+    let mut q = Vec::new();
+    if let Some(vm) = vm {
+        q.push(("vm_name", vm.to_string()));
+    }
+    if let Some(s) = status {
+        q.push(("status", s.as_str().to_string()));
+    }
+    q
+}
+
 // ---------------------------------------------------------------------------
 // Commands
 // ---------------------------------------------------------------------------
@@ -307,6 +334,15 @@ pub fn run_backups(cmd: BackupsCmd) -> anyhow::Result<u8> {
     match cmd {
         BackupsCmd::List(a) => {
             let src = Source::open(&a.source)?;
+            if a.json {
+                if let Some(raw) = src.list_backups_raw(a.vm.as_deref(), a.status)? {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(raw.as_bytes())?;
+                    out.write_all(b"\n")?;
+                    return Ok(0);
+                }
+            }
             let backups = src.list_backups(a.vm.as_deref(), a.status)?;
             if a.json {
                 print_json(&backups)?;

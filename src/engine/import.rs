@@ -90,7 +90,65 @@ struct Checked {
     created: time::OffsetDateTime,
 }
 
+/// What an import builds on: compared again before its transaction.
+#[derive(Clone)]
+struct ImportState {
+    vm: Option<VmRecord>,
+    head: Option<ChainHead>,
+    /// created_at of the VM's newest backup.
+    newest: Option<String>,
+}
+
+impl ImportState {
+    fn same_as(&self, o: &ImportState) -> bool {
+        self.head == o.head
+            && self.newest == o.newest
+            && serde_json::to_value(&self.vm).ok() == serde_json::to_value(&o.vm).ok()
+    }
+}
+
+/// Counts running imports (gc does not run while one does: its files are
+/// not in the catalog yet).
+struct ImportGuard<'a>(&'a Engine);
+
+impl<'a> ImportGuard<'a> {
+    fn new(e: &'a Engine) -> Self {
+        e.imports_running
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ImportGuard(e)
+    }
+}
+
+impl Drop for ImportGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .imports_running
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Engine {
+    fn import_state(&self, vm: &str, disk_id: u32) -> EngineResult<ImportState> {
+        if let Some(b) = self.catalog.running_backup_of(vm).map_err(cat)? {
+            return Err(EngineError::Conflict(format!(
+                "backup {} of VM {vm:?} is running; import after it ends",
+                b.backup_id
+            )));
+        }
+        Ok(ImportState {
+            vm: self.catalog.vm(vm).map_err(cat)?,
+            head: self.catalog.head(vm, disk_id).map_err(cat)?,
+            newest: self
+                .catalog
+                .backups()
+                .map_err(cat)?
+                .into_iter()
+                .filter(|b| b.vm_name == vm)
+                .map(|b| b.created_at)
+                .max(),
+        })
+    }
+
     /// Import `req.images` as the next points of one disk (see the module docs).
     pub async fn import(&self, req: ImportRequest) -> EngineResult<ImportReport> {
         self.check_not_stopping()?;
@@ -113,33 +171,27 @@ impl Engine {
                 ));
             }
         }
-        let _op = self.op.lock().await;
-        self.check_not_stopping()?;
         let vm = req.vm_name.clone();
         let disk_id = req.disk_id;
-        if let Some(b) = self.catalog.running_backup_of(&vm).map_err(cat)? {
-            return Err(EngineError::Conflict(format!(
-                "backup {} of VM {vm:?} is running; import after it ends",
-                b.backup_id
-            )));
-        }
-        let known = self.catalog.vm(&vm).map_err(cat)?;
+        // What the import builds on, read under the engine lock; the checks
+        // and copies run without it, and the transaction at the end happens
+        // only if this is still what the catalog says.
+        // Counted under the lock, so that a gc (which takes it) either runs
+        // before this import writes anything or refuses while it runs.
+        let (state, _counted) = {
+            let _op = self.op.lock().await;
+            self.check_not_stopping()?;
+            (self.import_state(&vm, disk_id)?, ImportGuard::new(self))
+        };
+        let (known, head, newest_backup) =
+            (state.vm.clone(), state.head.clone(), state.newest.clone());
         let known_disk = known
             .as_ref()
             .and_then(|v| v.disks.iter().find(|d| d.disk_id == disk_id).cloned());
-        let head = self.catalog.head(&vm, disk_id).map_err(cat)?;
         let head_rec = match &head {
             Some(h) => self.catalog.disk(&h.head_backup_id, disk_id).map_err(cat)?,
             None => None,
         };
-        let newest_backup = self
-            .catalog
-            .backups()
-            .map_err(cat)?
-            .into_iter()
-            .filter(|b| b.vm_name == vm)
-            .map(|b| b.created_at)
-            .max();
 
         // 1. Check everything; adopt nothing yet.
         let mut checked: Vec<Checked> = Vec::new();
@@ -452,7 +504,25 @@ impl Engine {
             return Err(e);
         }
 
-        // 3. One transaction adopts them all.
+        // 3. One transaction adopts them all, if nothing moved meanwhile.
+        let _op = self.op.lock().await;
+        let now_state = self.import_state(&vm, disk_id);
+        let moved = match &now_state {
+            Ok(n) => !n.same_as(&state),
+            Err(_) => true,
+        };
+        if moved {
+            for p in &placed {
+                repo::remove_point(p);
+            }
+            return Err(match now_state {
+                Err(e) => e,
+                Ok(_) => EngineError::Conflict(format!(
+                    "disk {disk_id} of VM {vm:?} changed while the images were imported (a backup or \
+                     another import ended); nothing was adopted: run the import again"
+                )),
+            });
+        }
         let mut changes = vec![Change::PutVm(vm_rec)];
         for (b, d) in &records {
             changes.push(Change::PutBackup(b.clone()));

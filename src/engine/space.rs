@@ -287,6 +287,15 @@ impl Engine {
                 "a removal is consolidating a chain; run gc again when it ends".into(),
             ));
         }
+        if self
+            .imports_running
+            .load(std::sync::atomic::Ordering::SeqCst)
+            > 0
+        {
+            return Err(EngineError::Conflict(
+                "an import is copying files into the repository; run gc again when it ends".into(),
+            ));
+        }
         let orphans = self.orphans()?;
         let bytes = orphans.iter().map(|o| o.bytes).sum();
         let mut removed = 0;

@@ -1,0 +1,241 @@
+//! Reads of the catalog (change_ids, listings, chains), restore exports
+//! (read-only NBD exports of one point) and the numbers for /metrics.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use chainvault_qcow::Chain;
+
+use super::{cat, lock, repo, validate_vm_name, Engine, EngineError, EngineResult, RestoreEntry};
+use crate::export::QcowExport;
+use crate::model::*;
+
+impl Engine {
+    // ---------------------------------------------------------------- reads
+
+    pub fn previous_change_id(
+        &self,
+        vm_name: &str,
+        disk_id: u32,
+    ) -> EngineResult<ChangeIdResponse> {
+        validate_vm_name(vm_name)?;
+        let head = self.catalog.head(vm_name, disk_id).map_err(cat)?;
+        Ok(match head {
+            Some(h) => ChangeIdResponse {
+                vm_name: vm_name.to_string(),
+                disk_id,
+                change_id: h.head_change_id,
+                backup_id: h.head_backup_id.clone(),
+                message: format!("change_id of the last completed backup of disk {disk_id} ({})", h.head_backup_id),
+            },
+            None => ChangeIdResponse {
+                vm_name: vm_name.to_string(),
+                disk_id,
+                change_id: String::new(),
+                backup_id: String::new(),
+                message: format!("no completed backup of disk {disk_id} of VM {vm_name:?}: the next backup is a full"),
+            },
+        })
+    }
+
+    pub fn list_backups(
+        &self,
+        vm_name: Option<&str>,
+        status: Option<Status>,
+    ) -> EngineResult<Vec<BackupView>> {
+        let mut out = Vec::new();
+        let backups = self.catalog.backups().map_err(cat)?;
+        let wanted = |b: &BackupRecord| {
+            vm_name.is_none_or(|v| v == b.vm_name) && status.is_none_or(|s| s == b.status)
+        };
+        if vm_name.is_some() || backups.len() < 64 {
+            for b in backups.into_iter().filter(|b| wanted(b)) {
+                let disks = self.catalog.disks_of(&b.backup_id).map_err(cat)?;
+                out.push(BackupView { backup: b, disks });
+            }
+            return Ok(out);
+        }
+        // Many backups: one pass over all disk records (both trees are in
+        // backup id order) instead of one lookup per backup.
+        let mut disks = self
+            .catalog
+            .all_disks()
+            .map_err(cat)?
+            .into_iter()
+            .peekable();
+        for b in backups {
+            let mut mine = Vec::new();
+            while let Some(d) = disks.peek() {
+                if d.backup_id < b.backup_id {
+                    disks.next();
+                } else if d.backup_id == b.backup_id {
+                    mine.extend(disks.next());
+                } else {
+                    break;
+                }
+            }
+            if wanted(&b) {
+                out.push(BackupView {
+                    backup: b,
+                    disks: mine,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn get_backup(&self, backup_id: &str) -> EngineResult<BackupView> {
+        let b = self
+            .catalog
+            .backup(backup_id)
+            .map_err(cat)?
+            .ok_or_else(|| EngineError::not_found("backup", backup_id))?;
+        let disks = self.catalog.disks_of(backup_id).map_err(cat)?;
+        Ok(BackupView { backup: b, disks })
+    }
+
+    pub fn chain(&self, vm_name: &str, disk_id: u32) -> EngineResult<ChainView> {
+        validate_vm_name(vm_name)?;
+        let vm = self
+            .catalog
+            .vm(vm_name)
+            .map_err(cat)?
+            .ok_or_else(|| EngineError::not_found("VM", vm_name))?;
+        if !vm.disks.iter().any(|d| d.disk_id == disk_id) {
+            return Err(EngineError::not_found(
+                "disk",
+                format!("{disk_id} of VM {vm_name}"),
+            ));
+        }
+        Ok(ChainView {
+            vm_name: vm_name.to_string(),
+            disk_id,
+            head: self.catalog.head(vm_name, disk_id).map_err(cat)?,
+            points: self.catalog.points_of(vm_name, disk_id).map_err(cat)?,
+        })
+    }
+
+    // -------------------------------------------------------------- restores
+
+    pub async fn open_restore(&self, req: RestoreRequest) -> EngineResult<RestoreView> {
+        self.check_open()?;
+        let d = self
+            .catalog
+            .disk(&req.backup_id, req.disk_id)
+            .map_err(cat)?
+            .ok_or_else(|| {
+                EngineError::not_found(
+                    "disk",
+                    format!("{} of backup {}", req.disk_id, req.backup_id),
+                )
+            })?;
+        if d.status != Status::Completed {
+            return Err(EngineError::Conflict(format!(
+                "disk {} of backup {} is {}, not a restore point",
+                req.disk_id,
+                req.backup_id,
+                d.status.as_str()
+            )));
+        }
+        let abs = self.abs(&d.image);
+        let opts = self.chain_options(false);
+        let chain = tokio::task::spawn_blocking(move || Chain::open(&abs, &opts))
+            .await
+            .map_err(EngineError::internal)??;
+        let chain = Arc::new(chain);
+        let size = chain.size();
+        let restore_id = format!("r-{}", repo::random_hex(8));
+        let name = format!("restore-{}", repo::random_hex(16));
+        let export = QcowExport::new(
+            chain,
+            format!(
+                "{} disk {} at {} (read-only)",
+                d.vm_name, d.disk_id, d.backup_id
+            ),
+        );
+        self.server()?
+            .add_export(name.clone(), Arc::new(export))
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let view = RestoreView {
+            restore_id: restore_id.clone(),
+            backup_id: req.backup_id.clone(),
+            disk_id: req.disk_id,
+            export_name: name.clone(),
+            nbd_uri: self
+                .nbd_addr
+                .as_ref()
+                .map(|a| a.uri(&name))
+                .unwrap_or_default(),
+            size,
+            created_at: now(),
+        };
+        lock(&self.restores).insert(restore_id, RestoreEntry { view: view.clone() });
+        Ok(view)
+    }
+
+    pub async fn close_restore(&self, restore_id: &str) -> EngineResult<()> {
+        let entry = lock(&self.restores)
+            .remove(restore_id)
+            .ok_or_else(|| EngineError::not_found("restore", restore_id))?;
+        if let Some(s) = &self.nbd {
+            s.remove_export(&entry.view.export_name).await;
+        }
+        Ok(())
+    }
+
+    pub fn restores(&self) -> Vec<RestoreView> {
+        lock(&self.restores)
+            .values()
+            .map(|r| r.view.clone())
+            .collect()
+    }
+
+    // --------------------------------------------------------------- metrics
+
+    pub fn metrics(&self) -> Metrics {
+        let mut counts: HashMap<&'static str, u64> = HashMap::new();
+        for s in ["running", "completed", "failed", "interrupted"] {
+            counts.insert(s, 0);
+        }
+        if let Ok(all) = self.catalog.backups() {
+            for b in all {
+                *counts.entry(b.status.as_str()).or_default() += 1;
+            }
+        }
+        let mut backups_by_status: Vec<(String, u64)> = counts
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        backups_by_status.sort();
+        // One guard at a time: each count is read into a local first.
+        let (live, running) = {
+            let r = lock(&self.running);
+            (
+                r.values()
+                    .map(|x| x.activity.bytes_written.load(Ordering::Relaxed))
+                    .sum::<u64>(),
+                r.len() as u64,
+            )
+        };
+        let restores = lock(&self.restores).len() as u64;
+        let usage = self.usage(None, false).ok();
+        Metrics {
+            backups_by_status,
+            bytes_received: self.bytes_received.load(Ordering::Relaxed) + live,
+            active_exports: running + restores,
+            active_restores: restores,
+            vms: usage
+                .as_ref()
+                .map(|u| {
+                    u.vms
+                        .iter()
+                        .map(|v| (v.vm_name.clone(), v.bytes, v.points))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            repository_bytes: usage.as_ref().map(|u| u.repository_bytes).unwrap_or(0),
+            free_bytes: usage.as_ref().map(|u| u.free_bytes).unwrap_or(0),
+        }
+    }
+}
