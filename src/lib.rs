@@ -11,4 +11,5 @@ pub mod client;
 pub mod engine;
 pub mod export;
 pub mod model;
+pub mod restore;
 pub mod units;

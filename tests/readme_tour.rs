@@ -168,6 +168,11 @@ fn readme_tour_runs_verbatim() {
     );
     assert!(stdout.contains("no orphans"), "gc --dry-run:\n{show}");
     assert!(
+        stdout.contains("verified: every byte read back equals the point")
+            && stdout.contains("Images are identical."),
+        "the restore and its comparison:\n{show}"
+    );
+    assert!(
         stdout.contains("Q3 figures: 42"),
         "the deleted report was not copied out of the first point:\n{show}"
     );

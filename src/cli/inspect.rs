@@ -37,6 +37,9 @@ pub struct SourceArgs {
 pub enum BackupsCmd {
     /// List backups (oldest first).
     List(ListArgs),
+    /// One backup: its status and times, and each disk's size, bytes on
+    /// disk, change_id and parent.
+    Show(super::lifecycle::BackupIdArgs),
     /// Protect a backup: prune and delete refuse it until it is unprotected.
     Protect(super::lifecycle::BackupIdArgs),
     /// Remove a backup's protection.
@@ -161,7 +164,7 @@ impl Source {
         }
     }
 
-    fn list_backups(
+    pub(super) fn list_backups(
         &self,
         vm: Option<&str>,
         status: Option<Status>,
@@ -353,6 +356,7 @@ pub fn run_backups(cmd: BackupsCmd) -> anyhow::Result<u8> {
             }
             Ok(0)
         }
+        BackupsCmd::Show(a) => super::lifecycle::show_backup(a),
         BackupsCmd::Protect(a) => super::lifecycle::protect(a, true),
         BackupsCmd::Unprotect(a) => super::lifecycle::protect(a, false),
         BackupsCmd::Note(a) => super::lifecycle::note(a),

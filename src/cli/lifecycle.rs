@@ -146,3 +146,74 @@ pub fn delete(a: BackupIdArgs) -> anyhow::Result<u8> {
     }
     Ok(0)
 }
+
+/// `backups show`.
+pub fn show_backup(a: BackupIdArgs) -> anyhow::Result<u8> {
+    let v: BackupView = match Source::open(&a.source)? {
+        Source::Offline(e) => e.get_backup(&a.backup_id)?,
+        Source::Http(h) => h.call(
+            "GET",
+            &format!("/api/v1/backups/{}", a.backup_id),
+            &[],
+            None,
+        )?,
+    };
+    if a.json {
+        print_json(&v)?;
+        return Ok(0);
+    }
+    let b = &v.backup;
+    println!("backup {} of VM {}", b.backup_id, b.vm_name);
+    println!(
+        "  {} {}, created {}{}",
+        b.status.as_str(),
+        if b.backup_type == BackupType::Full {
+            "full"
+        } else {
+            "incremental"
+        },
+        b.created_at,
+        b.finished_at
+            .as_deref()
+            .map(|f| format!(", finished {f}"))
+            .unwrap_or_default()
+    );
+    if b.protected {
+        println!("  protected: prune and delete refuse it");
+    }
+    if let Some(n) = &b.note {
+        println!("  note: {n}");
+    }
+    if !b.tags.is_empty() {
+        println!("  tags: {}", b.tags.join(", "));
+    }
+    if let Some(e) = &b.error {
+        println!("  error: {e}");
+    }
+    for d in &v.disks {
+        println!(
+            "  disk {}: {} {}, size {}, {} on disk, parent {}, change_id {}{}",
+            d.disk_id,
+            d.status.as_str(),
+            if d.mode == BackupType::Full {
+                "full"
+            } else {
+                "incremental"
+            },
+            crate::units::human(d.capacity_bytes),
+            d.size_on_disk
+                .map(crate::units::human)
+                .unwrap_or_else(|| "-".into()),
+            d.parent_backup_id.as_deref().unwrap_or("none"),
+            d.change_id
+                .as_deref()
+                .map(|c| format!("{c:?}"))
+                .unwrap_or_else(|| "-".into()),
+            d.reason
+                .as_deref()
+                .map(|r| format!(" ({r})"))
+                .unwrap_or_default()
+        );
+    }
+    Ok(0)
+}

@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod lifecycle;
 pub mod mount;
 pub mod policy;
+pub mod restore;
 pub mod serve;
 pub mod space;
 
@@ -62,6 +63,9 @@ pub enum Command {
     /// What each VM, disk and point occupies, what removing a point would
     /// free, and the repository's total and free space.
     Usage(space::UsageArgs),
+    /// Write a point in time of a VM's disks to files, block devices, new
+    /// qcow2 images or NBD exports.
+    Restore(restore::RestoreArgs),
 }
 
 /// Where the daemon is, for commands that talk to it.
@@ -118,5 +122,6 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Import(a) => import::run(a),
         Command::Gc(a) => space::run_gc(a),
         Command::Usage(a) => space::run_usage(a),
+        Command::Restore(a) => restore::run(a),
     }
 }

@@ -1,0 +1,237 @@
+//! `chainvault restore`: a point in time of a VM's disks, written to files,
+//! block devices, new qcow2 images or NBD exports (src/restore/).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::inspect::{Source, SourceArgs};
+use crate::model::*;
+use crate::restore::{self, exit, Format, Reader, RestoreReport, Target};
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The VM.
+    #[arg(long, value_name = "VM")]
+    pub vm: String,
+    /// A disk to restore (repeat for several); default: every disk of the point.
+    #[arg(long = "disk", value_name = "N")]
+    pub disks: Vec<u32>,
+    /// The point: a backup id, `latest`, or an RFC 3339 UTC time (the newest
+    /// backup at or before it).
+    #[arg(long, value_name = "POINT", default_value = "latest")]
+    pub at: String,
+    /// Where each disk goes, in disk order: a file (created sparse, or
+    /// overwritten), a block device, or an NBD URI.
+    #[arg(long = "to", value_name = "TARGET", required = true)]
+    pub targets: Vec<String>,
+    /// Format of new file targets.
+    #[arg(short = 'O', value_name = "FORMAT", default_value = "raw", value_parser = ["raw", "qcow2"])]
+    pub format: String,
+    /// Read every byte back and compare it with the point.
+    #[arg(long)]
+    pub verify: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars (they are shown only on a terminal anyway).
+    #[arg(long)]
+    pub no_progress: bool,
+    #[command(flatten)]
+    pub source: SourceArgs,
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> anyhow::Result<u8> {
+    eprintln!("chainvault restore: {msg}");
+    Ok(code)
+}
+
+/// Exit code for an error talking to the daemon.
+fn daemon_code(e: &anyhow::Error) -> u8 {
+    let m = format!("{e:#}");
+    if m.contains("no daemon at") || m.contains("cannot talk to the daemon") || m.contains("HTTP 5")
+    {
+        exit::DAEMON
+    } else {
+        exit::USAGE
+    }
+}
+
+pub fn run(a: RestoreArgs) -> anyhow::Result<u8> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(run_async(a))
+}
+
+async fn run_async(a: RestoreArgs) -> anyhow::Result<u8> {
+    let source = match Source::open(&a.source) {
+        Ok(s) => s,
+        Err(e) => return fail(daemon_code(&e), format!("{e:#}")),
+    };
+    let backups = match source.list_backups(Some(&a.vm), None) {
+        Ok(b) => b,
+        Err(e) => return fail(daemon_code(&e), format!("{e:#}")),
+    };
+    if backups.is_empty() {
+        return fail(
+            exit::USAGE,
+            format!(
+                "VM {:?} has no backups (chainvault backups list shows the VMs)",
+                a.vm
+            ),
+        );
+    }
+    let point = match restore::choose_point(&a.vm, &backups, &a.at, &a.disks) {
+        Ok(p) => p.clone(),
+        Err(m) => return fail(exit::USAGE, m),
+    };
+    let disks: Vec<DiskBackupRecord> = if a.disks.is_empty() {
+        point
+            .disks
+            .iter()
+            .filter(|d| d.status == Status::Completed)
+            .cloned()
+            .collect()
+    } else {
+        a.disks
+            .iter()
+            .filter_map(|n| point.disks.iter().find(|d| d.disk_id == *n).cloned())
+            .collect()
+    };
+    if disks.len() != a.targets.len() {
+        return fail(
+            exit::USAGE,
+            format!(
+                "backup {} has {} disk(s) to restore ({}) but {} --to target(s) were given: one per disk, in disk order",
+                point.backup.backup_id,
+                disks.len(),
+                disks.iter().map(|d| d.disk_id.to_string()).collect::<Vec<_>>().join(", "),
+                a.targets.len()
+            ),
+        );
+    }
+    let format = if a.format == "qcow2" {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    };
+    let repo: Option<PathBuf> = match &source {
+        Source::Offline(e) => Some(e.data_dir().to_path_buf()),
+        Source::Http(_) => None,
+    };
+
+    // Every target opens (and every new file is created) before anything is written.
+    let mut targets = Vec::new();
+    let mut created: Vec<PathBuf> = Vec::new();
+    for (d, spec) in disks.iter().zip(&a.targets) {
+        let existed = std::path::Path::new(spec).exists() || spec.contains("://");
+        match Target::open(spec, d.capacity_bytes, format, repo.as_deref()).await {
+            Ok(t) => {
+                if !existed {
+                    created.push(PathBuf::from(spec));
+                }
+                targets.push(Arc::new(t));
+            }
+            Err(e) => {
+                for p in &created {
+                    let _ = std::fs::remove_file(p);
+                }
+                return fail(exit::USAGE, format!("disk {}: {}", d.disk_id, e.0));
+            }
+        }
+    }
+
+    // The readers: restore exports of the daemon, or the chains themselves.
+    let mut readers = Vec::new();
+    let mut restores: Vec<String> = Vec::new();
+    for d in &disks {
+        let r = match &source {
+            Source::Offline(e) => {
+                let img = e.data_dir().join(&d.image);
+                chainvault_qcow::Chain::open(
+                    &img,
+                    &chainvault_qcow::ChainOptions {
+                        root: Some(e.data_dir().to_path_buf()),
+                        ..Default::default()
+                    },
+                )
+                .map(|c| Reader::Local(Arc::new(c)))
+                .map_err(|e| format!("opening disk {} of backup {}: {e}", d.disk_id, d.backup_id))
+            }
+            Source::Http(h) => {
+                let body = serde_json::json!({ "backup_id": d.backup_id, "disk_id": d.disk_id });
+                match h.call::<RestoreView>("POST", "/api/v1/restores", &[], Some(&body)) {
+                    Ok(v) => {
+                        restores.push(v.restore_id.clone());
+                        Reader::connect(&v.nbd_uri).await
+                    }
+                    Err(e) => Err(format!("{e:#}")),
+                }
+            }
+        };
+        match r {
+            Ok(r) => readers.push(Arc::new(r)),
+            Err(m) => {
+                close(&source, &restores);
+                for p in &created {
+                    let _ = std::fs::remove_file(p);
+                }
+                return fail(exit::FAILED, m);
+            }
+        }
+    }
+
+    let multi = MultiProgress::with_draw_target(
+        if !a.no_progress && !a.json && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    let style = ProgressStyle::with_template(
+        "{prefix:<12} [{bar:30}] {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12} ETA {eta} {msg}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let mut set = tokio::task::JoinSet::new();
+    for ((d, r), t) in disks.iter().zip(readers).zip(targets) {
+        let bar = multi.add(ProgressBar::new(d.capacity_bytes));
+        bar.set_style(style.clone());
+        bar.set_prefix(format!("disk {}", d.disk_id));
+        let (id, verify) = (d.disk_id, a.verify);
+        set.spawn(async move { restore::restore_disk(id, r, t, verify, bar).await });
+    }
+    let mut results = Vec::new();
+    while let Some(r) = set.join_next().await {
+        results.push(r.context("a restore worker failed")?);
+    }
+    results.sort_by_key(|r| r.disk_id);
+    close(&source, &restores);
+    let report = RestoreReport {
+        vm_name: a.vm.clone(),
+        backup_id: point.backup.backup_id.clone(),
+        created_at: point.backup.created_at.clone(),
+        disks: results,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.text());
+    }
+    Ok(report.exit_code())
+}
+
+/// Close the restore exports this run opened.
+fn close(source: &Source, restores: &[String]) {
+    if let Source::Http(h) = source {
+        for id in restores {
+            let _ =
+                h.call::<serde_json::Value>("DELETE", &format!("/api/v1/restores/{id}"), &[], None);
+        }
+    }
+}

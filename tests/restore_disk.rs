@@ -1,0 +1,496 @@
+//! `chainvault restore` (src/restore/), end to end: a two-disk VM backed up
+//! twice, each point restored to sparse raw files, new qcow2 images and NBD
+//! targets (qemu-nbd over a file, nbdkit memory), through the daemon and on
+//! the repository directly, each result compared with the source as it was;
+//! a mostly empty disk restores to a file that allocates what it holds; bad
+//! targets and points are refused with exit 2 and nothing changes.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VM: &str = "rvm";
+const SIZES: [u64; 2] = [24 * MIB, 16 * MIB];
+
+/// An NBD server on a unix socket, killed on drop.
+struct Server(Child, PathBuf);
+
+impl Server {
+    fn start(mut c: Command, sock: &Path) -> Server {
+        let _ = std::fs::remove_file(sock);
+        let child = c
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn NBD server");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sock.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{c:?} did not create {}",
+                sock.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        Server(child, sock.to_path_buf())
+    }
+    fn qemu_nbd(file: &Path, sock: &Path, read_only: bool) -> Server {
+        let mut c = Command::new("qemu-nbd");
+        c.args(["-f", "raw", "-t", "-e", "8", "--cache=none"])
+            .arg(format!("--socket={}", sock.display()));
+        if read_only {
+            c.arg("-r");
+        }
+        c.arg(file);
+        Server::start(c, sock)
+    }
+    fn nbdkit_memory(size: u64, sock: &Path) -> Server {
+        let mut c = Command::new("nbdkit");
+        c.args(["-f", "-U"])
+            .arg(sock)
+            .args(["memory", &size.to_string()]);
+        Server::start(c, sock)
+    }
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.1.display())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn same_bytes(what: &str, a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{what}: sizes of {} and {}",
+        a.display(),
+        b.display()
+    );
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        panic!(
+            "{what}: {} and {} differ at byte {i}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+fn restore(args: &[&str]) -> (i32, String, String) {
+    let mut a = vec!["restore"];
+    a.extend_from_slice(args);
+    let out = cli(&a);
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout),
+        text(&out.stderr),
+    )
+}
+
+fn restore_ok(args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend_from_slice(&["--json", "--verify"]);
+    let (code, so, se) = restore(&a);
+    assert_eq!(code, 0, "chainvault restore {}: {so}{se}", args.join(" "));
+    let v: Value = serde_json::from_str(&so).unwrap_or_else(|e| panic!("not JSON ({e}): {so}"));
+    for d in v["disks"].as_array().unwrap() {
+        assert_eq!(d["status"], "restored", "{}", pretty(&v));
+        assert_eq!(d["verified"], true, "{}", pretty(&v));
+    }
+    v
+}
+
+/// Two backups of a two-disk VM; the sources as they were at each point.
+fn two_points(d: &Daemon, dir: &Path) -> Vec<(String, Vec<PathBuf>)> {
+    let srcs: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("src{i}.raw"))).collect();
+    for (i, s) in srcs.iter().enumerate() {
+        make_disk(s, SIZES[i], 40 + i as u64);
+    }
+    let mut out = Vec::new();
+    for p in 0..2 {
+        let r = if p == 0 {
+            d.start_backup(&start_body(
+                VM,
+                "full",
+                Some(json!([disk_spec(0, SIZES[0]), disk_spec(1, SIZES[1])])),
+            ))
+        } else {
+            d.start_backup(&start_body(VM, "incremental", None))
+        };
+        let id = s(&r["backup_id"]);
+        for (i, src) in srcs.iter().enumerate() {
+            let uri = s(&disk_of(&r, i as u32)["nbd_uri"]);
+            if p == 0 {
+                nbdcopy(src, &uri);
+            } else {
+                let ch = modify_disk(src, 500 + i as u64, 30, Fill::Pattern);
+                qemu_io_changes(&uri, &ch);
+            }
+            d.complete(&id, i as u32, &format!("cid-{p}-{i}"), SIZES[i]);
+        }
+        let snaps: Vec<PathBuf> = srcs
+            .iter()
+            .enumerate()
+            .map(|(i, src)| {
+                let snap = dir.join(format!("point{p}-disk{i}.raw"));
+                snapshot_source(src, &snap);
+                snap
+            })
+            .collect();
+        out.push((id, snaps));
+    }
+    out
+}
+
+#[test]
+fn every_point_restores_to_files_qcow2_and_nbd_targets() {
+    tools();
+    need("nbdkit", "nbdkit");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let out = tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let d = Daemon::start(&data);
+    let points = two_points(&d, tmp.path());
+
+    for (p, (id, snaps)) in points.iter().enumerate() {
+        // Sparse raw files.
+        let (a, b) = (
+            out.join(format!("p{p}-d0.raw")),
+            out.join(format!("p{p}-d1.raw")),
+        );
+        let v = restore_ok(&[
+            "--vm",
+            VM,
+            "--at",
+            id,
+            "--to",
+            a.to_str().unwrap(),
+            "--to",
+            b.to_str().unwrap(),
+            "--server",
+            &d.api,
+        ]);
+        assert_eq!(s(&v["backup_id"]), *id);
+        same_bytes(&format!("point {p} disk 0 raw"), &a, &snaps[0]);
+        same_bytes(&format!("point {p} disk 1 raw"), &b, &snaps[1]);
+        // New qcow2 images, standalone.
+        let (qa, qb) = (
+            out.join(format!("p{p}-d0.qcow2")),
+            out.join(format!("p{p}-d1.qcow2")),
+        );
+        restore_ok(&[
+            "--vm",
+            VM,
+            "--at",
+            id,
+            "-O",
+            "qcow2",
+            "--to",
+            qa.to_str().unwrap(),
+            "--to",
+            qb.to_str().unwrap(),
+            "--server",
+            &d.api,
+        ]);
+        for (q, snap) in [(&qa, &snaps[0]), (&qb, &snaps[1])] {
+            compare(&format!("point {p} qcow2"), q, snap);
+            check(&format!("point {p} qcow2"), q);
+            assert_chain("standalone", q, &[q]);
+        }
+        // NBD targets: qemu-nbd over a file of random bytes (everything must
+        // be overwritten, zeroes included), and nbdkit's memory plugin.
+        let file = out.join(format!("p{p}-nbd.raw"));
+        make_disk(&file, SIZES[0], 999);
+        let qn = Server::qemu_nbd(&file, &tmp.path().join("qn.sock"), false);
+        let mem = Server::nbdkit_memory(SIZES[1], &tmp.path().join("mem.sock"));
+        restore_ok(&[
+            "--vm",
+            VM,
+            "--at",
+            id,
+            "--to",
+            &qn.uri(),
+            "--to",
+            &mem.uri(),
+            "--server",
+            &d.api,
+        ]);
+        let mem_copy = out.join(format!("p{p}-mem.raw"));
+        run_ok(cmd(
+            "nbdcopy",
+            &[mem.uri().as_str(), mem_copy.to_str().unwrap()],
+        ));
+        drop(qn);
+        drop(mem);
+        same_bytes(&format!("point {p} qemu-nbd target"), &file, &snaps[0]);
+        same_bytes(
+            &format!("point {p} nbdkit memory target"),
+            &mem_copy,
+            &snaps[1],
+        );
+    }
+
+    // One disk, chosen by time and by "latest"; an existing file is overwritten.
+    let created = s(&d.backup(&points[1].0)["created_at"]);
+    let one = out.join("p0-d0.raw");
+    let v = restore_ok(&[
+        "--vm",
+        VM,
+        "--disk",
+        "1",
+        "--at",
+        &created,
+        "--to",
+        one.to_str().unwrap(),
+        "--server",
+        &d.api,
+    ]);
+    assert_eq!(s(&v["backup_id"]), points[1].0);
+    same_bytes(
+        "disk 1 by time over an existing file",
+        &one,
+        &points[1].1[1],
+    );
+    let (code, so, _) = restore(&[
+        "--vm",
+        VM,
+        "--disk",
+        "0",
+        "--to",
+        out.join("latest.raw").to_str().unwrap(),
+        "--server",
+        &d.api,
+    ]);
+    assert_eq!(code, 0);
+    assert!(so.contains(&points[1].0) && so.contains("restored"), "{so}");
+    same_bytes("latest", &out.join("latest.raw"), &points[1].1[0]);
+    assert!(d.get_ok("/api/v1/backups?vm_name=rvm")["count"].as_u64() == Some(2));
+    assert!(
+        d.get("/metrics").1["__non_json_body"]
+            .as_str()
+            .unwrap_or("")
+            .contains("chainvault_active_restores 0"),
+        "the restore exports are closed"
+    );
+
+    // On the repository directly, with the daemon stopped.
+    d.stop();
+    let off = out.join("offline.raw");
+    restore_ok(&[
+        "--vm",
+        VM,
+        "--at",
+        &points[0].0,
+        "--disk",
+        "0",
+        "--to",
+        off.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    same_bytes("offline", &off, &points[0].1[0]);
+}
+
+#[test]
+fn a_mostly_empty_disk_restores_to_a_file_that_holds_only_its_data() {
+    tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("data"));
+    let size = 1024 * MIB;
+    let src = tmp.path().join("sparse.raw");
+    std::fs::File::create(&src).unwrap().set_len(size).unwrap();
+    for (off, n) in [(0u64, 8u64), (300, 8), (900, 8)] {
+        run_ok(cmd(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P 0x5a {}M {}M", off, n),
+                src.to_str().unwrap(),
+            ],
+        ));
+    }
+    let r = d.start_backup(&start_body(
+        "sparse",
+        "full",
+        Some(json!([disk_spec(0, size)])),
+    ));
+    let id = s(&r["backup_id"]);
+    nbdcopy(&src, &s(&disk_of(&r, 0)["nbd_uri"]));
+    d.complete(&id, 0, "c", size);
+    let dst = tmp.path().join("restored.raw");
+    let v = restore_ok(&[
+        "--vm",
+        "sparse",
+        "--to",
+        dst.to_str().unwrap(),
+        "--server",
+        &d.api,
+    ]);
+    same_bytes("sparse restore", &dst, &src);
+    let a = allocated(&dst);
+    assert!(
+        a <= 24 * MIB * 11 / 10 + MIB,
+        "the restored file allocates {a} bytes for 24 MiB of data: {}",
+        pretty(&v)
+    );
+    assert_eq!(
+        v["disks"][0]["written"].as_u64(),
+        Some(24 * MIB),
+        "{}",
+        pretty(&v)
+    );
+}
+
+#[test]
+fn bad_points_and_targets_are_refused_and_nothing_changes() {
+    tools();
+    need("nbdkit", "nbdkit");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let d = Daemon::start(&data);
+    let points = two_points(&d, tmp.path());
+    let snapshot = |d: &Daemon| {
+        let mut f: Vec<(String, u64)> = walk(&d.data.join("vms"))
+            .iter()
+            .map(|p| (p.display().to_string(), std::fs::metadata(p).unwrap().len()))
+            .collect();
+        f.sort();
+        (f, pretty(&d.get_ok("/api/v1/backups?vm_name=rvm")))
+    };
+    let before = snapshot(&d);
+    let out = tmp.path().join("o.raw");
+    let o2 = tmp.path().join("o2.raw");
+    let (o, o2s) = (out.to_str().unwrap(), o2.to_str().unwrap());
+    let small = Server::nbdkit_memory(MIB, &tmp.path().join("small.sock"));
+    let ro_file = tmp.path().join("ro.raw");
+    std::fs::File::create(&ro_file)
+        .unwrap()
+        .set_len(SIZES[0])
+        .unwrap();
+    let ro = Server::qemu_nbd(&ro_file, &tmp.path().join("ro.sock"), true);
+    let repo_image = d.image_of(&points[0].0, 0);
+    let cases: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "unknown point",
+            vec![
+                "--at".into(),
+                "20000101T000000.000Z-00000000".into(),
+                "--to".into(),
+                o.into(),
+                "--to".into(),
+                o2s.into(),
+            ],
+            "neither a backup id",
+        ),
+        (
+            "time before the first backup",
+            vec![
+                "--at".into(),
+                "2001-01-01T00:00:00Z".into(),
+                "--to".into(),
+                o.into(),
+                "--to".into(),
+                o2s.into(),
+            ],
+            "no backup at or before",
+        ),
+        (
+            "too few targets",
+            vec!["--to".into(), o.into()],
+            "one per disk",
+        ),
+        (
+            "target too small",
+            vec!["--disk".into(), "0".into(), "--to".into(), small.uri()],
+            "the disk needs",
+        ),
+        (
+            "unreachable NBD target",
+            vec![
+                "--disk".into(),
+                "0".into(),
+                "--to".into(),
+                "nbd+unix:///?socket=/nonexistent/x.sock".into(),
+            ],
+            "unreachable",
+        ),
+        (
+            "read-only target",
+            vec!["--disk".into(), "0".into(), "--to".into(), ro.uri()],
+            "read-only",
+        ),
+        (
+            "the repository's own image",
+            vec![
+                "--disk".into(),
+                "0".into(),
+                "--to".into(),
+                repo_image.display().to_string(),
+            ],
+            "chainvault repository",
+        ),
+        (
+            "missing directory",
+            vec![
+                "--disk".into(),
+                "0".into(),
+                "--to".into(),
+                "/nonexistent/dir/x.raw".into(),
+            ],
+            "does not exist",
+        ),
+        (
+            "a disk the point lacks",
+            vec!["--disk".into(), "7".into(), "--to".into(), o.into()],
+            "no completed backup of disk",
+        ),
+    ];
+    for (what, args, want) in cases {
+        let mut a: Vec<&str> = vec!["--vm", VM, "--server", &d.api];
+        a.extend(args.iter().map(|s| s.as_str()));
+        let (code, so, se) = restore(&a);
+        assert_eq!(code, 2, "{what}: exit code; stdout {so} stderr {se}");
+        assert!(se.contains(want), "{what}: expected {want:?} in: {se}");
+        assert!(
+            !out.exists() && !o2.exists(),
+            "{what}: a target file was left behind"
+        );
+        assert_eq!(snapshot(&d), before, "{what}: the repository changed");
+    }
+    let (code, _, se) = restore(&["--vm", "nosuchvm", "--to", o, "--server", &d.api]);
+    assert_eq!(code, 2, "{se}");
+    assert!(se.contains("no backups"), "{se}");
+    // The repository's image was not touched: it still reads its point.
+    compare("repository image", &repo_image, &points[0].1[0]);
+    // Over --data too: a target inside the repository.
+    d.stop();
+    let inside = data.join("x.raw");
+    let (code, _, se) = restore(&[
+        "--vm",
+        VM,
+        "--disk",
+        "0",
+        "--to",
+        inside.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{se}");
+    assert!(se.contains("inside the repository"), "{se}");
+    assert!(!inside.exists());
+    // No daemon: exit 3.
+    let (code, _, se) = restore(&["--vm", VM, "--to", o, "--server", "http://127.0.0.1:9"]);
+    assert_eq!(code, 3, "{se}");
+}
