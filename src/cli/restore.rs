@@ -168,7 +168,7 @@ async fn run_async(a: RestoreArgs) -> anyhow::Result<u8> {
                 match h.call::<RestoreView>("POST", "/api/v1/restores", &[], Some(&body)) {
                     Ok(v) => {
                         restores.push(v.restore_id.clone());
-                        Reader::connect(&v.nbd_uri).await
+                        Reader::connect(&v.nbd_uri, restore::CONNECTIONS).await
                     }
                     Err(e) => Err(format!("{e:#}")),
                 }

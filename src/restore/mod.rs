@@ -47,36 +47,43 @@ pub mod exit {
 }
 
 /// Bytes per request.
-const PIECE: u64 = 4 << 20;
+const PIECE: u64 = 1 << 20;
+/// NBD connections to the restore export, and to an NBD target.
+pub const CONNECTIONS: usize = 4;
 /// All-zero blocks of this size inside data are not written.
 const ZERO_BLOCK: usize = 64 << 10;
-/// Requests in flight per disk.
-const IN_FLIGHT: usize = 4;
+/// Requests in flight per disk (spread over the connections).
+const IN_FLIGHT: usize = 16;
 
 /// Where a disk's bytes are read from.
 pub enum Reader {
     /// The repository's chain, opened here.
     Local(Arc<Chain>),
-    /// A restore export of the daemon.
-    Nbd(Arc<Client>),
+    /// A restore export of the daemon, over several connections.
+    Nbd(Vec<Arc<Client>>),
 }
 
 impl Reader {
-    pub async fn connect(uri: &str) -> Result<Reader, String> {
+    /// `conns` connections to the restore export at `uri`.
+    pub async fn connect(uri: &str, conns: usize) -> Result<Reader, String> {
         let parsed: NbdUri = uri.parse().map_err(|e| format!("{uri}: {e}"))?;
-        let c = Client::connect_uri(
-            &parsed,
-            ConnectOptions::with_contexts([CONTEXT_BASE_ALLOCATION]),
-        )
-        .await
-        .map_err(|e| format!("connecting to the restore export {uri}: {e}"))?;
-        Ok(Reader::Nbd(Arc::new(c)))
+        let mut v = Vec::new();
+        for _ in 0..conns.max(1) {
+            let c = Client::connect_uri(
+                &parsed,
+                ConnectOptions::with_contexts([CONTEXT_BASE_ALLOCATION]),
+            )
+            .await
+            .map_err(|e| format!("connecting to the restore export {uri}: {e}"))?;
+            v.push(Arc::new(c));
+        }
+        Ok(Reader::Nbd(v))
     }
 
     pub fn size(&self) -> u64 {
         match self {
             Reader::Local(c) => c.size(),
-            Reader::Nbd(c) => c.size(),
+            Reader::Nbd(c) => c[0].size(),
         }
     }
 
@@ -99,6 +106,7 @@ impl Reader {
                 }
             }
             Reader::Nbd(c) => {
+                let c = &c[0];
                 let ext = c
                     .extents(CONTEXT_BASE_ALLOCATION, 0, c.size())
                     .await
@@ -113,7 +121,8 @@ impl Reader {
         Ok(out)
     }
 
-    async fn read(&self, off: u64, len: u64) -> Result<Vec<u8>, String> {
+    /// Read on connection `lane` (any number: it is taken modulo the connections).
+    async fn read(&self, lane: usize, off: u64, len: u64) -> Result<Vec<u8>, String> {
         match self {
             Reader::Local(c) => {
                 let c = Arc::clone(c);
@@ -125,7 +134,7 @@ impl Reader {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("reading the point at {off}: {e}"))
             }
-            Reader::Nbd(c) => c
+            Reader::Nbd(c) => c[lane % c.len()]
                 .read(off, len)
                 .await
                 .map_err(|e| format!("reading the restore export at {off}: {e}")),
@@ -166,7 +175,7 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 /// Write `buf` read at `off`: data as writes, all-zero blocks as zeroes.
-async fn put(t: &Target, off: u64, buf: Vec<u8>, c: &Counters) -> Result<(), String> {
+async fn put(t: &Target, lane: usize, off: u64, buf: Vec<u8>, c: &Counters) -> Result<(), String> {
     let mut i = 0;
     while i < buf.len() {
         let end = |at: usize| {
@@ -179,15 +188,21 @@ async fn put(t: &Target, off: u64, buf: Vec<u8>, c: &Counters) -> Result<(), Str
             j = end(j);
         }
         let (o, n) = (off + i as u64, (j - i) as u64);
+        if !zero && i == 0 && j == buf.len() {
+            // All data: hand the buffer over without a copy.
+            t.write(lane, o, buf).await?;
+            c.written.fetch_add(n, Ordering::Relaxed);
+            return Ok(());
+        }
         if zero {
             if t.fresh() {
                 c.skipped.fetch_add(n, Ordering::Relaxed);
             } else {
-                t.zero(o, n).await?;
+                t.zero(lane, o, n).await?;
                 c.zeroed.fetch_add(n, Ordering::Relaxed);
             }
         } else {
-            t.write(o, buf[i..j].to_vec()).await?;
+            t.write(lane, o, buf[i..j].to_vec()).await?;
             c.written.fetch_add(n, Ordering::Relaxed);
         }
         i = j;
@@ -232,7 +247,7 @@ pub async fn restore_disk(
         let next = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let mut set = tokio::task::JoinSet::new();
-        for _ in 0..IN_FLIGHT {
+        for lane in 0..IN_FLIGHT {
             let (r, t, c, pieces, next, stop, bar) = (
                 Arc::clone(&r),
                 Arc::clone(&t),
@@ -253,13 +268,13 @@ pub async fn restore_disk(
                     };
                     let step = async {
                         if data {
-                            let buf = r.read(off, len).await?;
-                            put(&t, off, buf, &c).await
+                            let buf = r.read(lane, off, len).await?;
+                            put(&t, lane, off, buf, &c).await
                         } else if t.fresh() {
                             c.skipped.fetch_add(len, Ordering::Relaxed);
                             Ok(())
                         } else {
-                            t.zero(off, len).await?;
+                            t.zero(lane, off, len).await?;
                             c.zeroed.fetch_add(len, Ordering::Relaxed);
                             Ok(())
                         }
@@ -301,7 +316,7 @@ pub async fn restore_disk(
         let mut off = 0;
         while off < size {
             let n = (size - off).min(PIECE);
-            let (a, b) = match (r.read(off, n).await, t.read(off, n).await) {
+            let (a, b) = match (r.read(0, off, n).await, t.read(off, n).await) {
                 (Ok(a), Ok(b)) => (a, b),
                 (Err(e), _) | (_, Err(e)) => {
                     res.status = "failed".into();

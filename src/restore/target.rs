@@ -31,8 +31,11 @@ pub enum Target {
     },
     /// A new standalone qcow2 image.
     Qcow2 { image: Arc<Image>, path: PathBuf },
-    /// An NBD export.
-    Nbd { client: Arc<Client>, uri: String },
+    /// An NBD export, over several connections.
+    Nbd {
+        clients: Vec<Arc<Client>>,
+        uri: String,
+    },
 }
 
 /// Why a target cannot be used: the message says what to do.
@@ -70,18 +73,21 @@ impl Target {
             let uri: NbdUri = spec
                 .parse()
                 .map_err(|e| bad(format!("{spec} is not an NBD URI: {e}")))?;
-            let client = tokio::time::timeout(
+            let connect = || async {
+                tokio::time::timeout(
                 std::time::Duration::from_secs(30),
                 Client::connect_uri(&uri, ConnectOptions::default()),
             )
-            .await
-            .map_err(|_| bad(format!("NBD target {spec}: no answer within 30 s")))?
-            .map_err(|e| match e {
-                ClientError::Io(io) => bad(format!(
-                    "NBD target {spec} is unreachable ({io}): is its server running and the URI right?"
-                )),
-                e => bad(format!("NBD target {spec}: {e}")),
-            })?;
+                .await
+                .map_err(|_| bad(format!("NBD target {spec}: no answer within 30 s")))?
+                .map_err(|e| match e {
+                    ClientError::Io(io) => bad(format!(
+                        "NBD target {spec} is unreachable ({io}): is its server running and the URI right?"
+                    )),
+                    e => bad(format!("NBD target {spec}: {e}")),
+                })
+            };
+            let client = connect().await?;
             if client.info().is_read_only() {
                 return Err(bad(format!(
                     "NBD target {spec} is read-only: serve it writable (qemu-nbd without -r)"
@@ -93,8 +99,17 @@ impl Target {
                     client.size()
                 )));
             }
+            // More connections where the server takes them (qemu-nbd -e N,
+            // nbdkit); one is enough where it does not.
+            let mut clients = vec![Arc::new(client)];
+            for _ in 1..super::CONNECTIONS {
+                match connect().await {
+                    Ok(c) => clients.push(Arc::new(c)),
+                    Err(_) => break,
+                }
+            }
             return Ok(Target::Nbd {
-                client: Arc::new(client),
+                clients,
                 uri: spec.to_string(),
             });
         }
@@ -243,7 +258,8 @@ impl Target {
         }
     }
 
-    pub async fn write(&self, off: u64, buf: Vec<u8>) -> Result<(), String> {
+    /// Write on connection `lane` (taken modulo the connections).
+    pub async fn write(&self, lane: usize, off: u64, buf: Vec<u8>) -> Result<(), String> {
         match self {
             Target::File { file, path, .. } => {
                 let (f, p) = (Arc::clone(file), path.clone());
@@ -259,7 +275,7 @@ impl Target {
                     .map_err(|e| e.to_string())?
                     .map_err(|e| format!("writing {}: {e}", p.display()))
             }
-            Target::Nbd { client, uri } => client
+            Target::Nbd { clients, uri } => clients[lane % clients.len()]
                 .write(off, &buf, false)
                 .await
                 .map_err(|e| format!("writing {} bytes at {off} to {uri}: {e}", buf.len())),
@@ -267,7 +283,7 @@ impl Target {
     }
 
     /// Make `len` bytes at `off` read as zeroes.
-    pub async fn zero(&self, off: u64, len: u64) -> Result<(), String> {
+    pub async fn zero(&self, lane: usize, off: u64, len: u64) -> Result<(), String> {
         if self.fresh() {
             return Ok(());
         }
@@ -282,7 +298,8 @@ impl Target {
                     .map_err(|e| format!("zeroing {len} bytes at {off} of {}: {e}", p.display()))
             }
             Target::Qcow2 { .. } => Ok(()),
-            Target::Nbd { client, uri } => {
+            Target::Nbd { clients, uri } => {
+                let client = &clients[lane % clients.len()];
                 if client.info().can_zero() {
                     client
                         .write_zeroes(off, len, ZeroRequest::default())
@@ -326,7 +343,7 @@ impl Target {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("reading back {}: {e}", p.display()))
             }
-            Target::Nbd { client, uri } => client
+            Target::Nbd { clients, uri } => clients[0]
                 .read(off, len)
                 .await
                 .map_err(|e| format!("reading back {uri}: {e}")),
@@ -355,12 +372,16 @@ impl Target {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| format!("flushing {}: {e}", p.display()))
             }
-            Target::Nbd { client, uri } => {
-                if client.info().can_flush() {
-                    client
-                        .flush()
-                        .await
-                        .map_err(|e| format!("flush of {uri}: {e}"))?;
+            Target::Nbd { clients, uri } => {
+                // Every connection: a server without multi-conn only
+                // promises that a flush covers its own connection's writes.
+                for client in clients {
+                    if client.info().can_flush() {
+                        client
+                            .flush()
+                            .await
+                            .map_err(|e| format!("flush of {uri}: {e}"))?;
+                    }
                 }
                 Ok(())
             }

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Whole-disk restore: `chainvault restore` of the newest point of a chain (a
+# --size full of random data and three incrementals that each rewrite
+# --changed-permille of its 64 KiB blocks, made by `chainvault backup
+# --rotate`) against the same copy done by hand: `nbdcopy` from a
+# `qemu-nbd -r` export of the same chain, in the same run, to
+#   file: a new sparse raw file;
+#   nbd:  a `qemu-nbd` export of a fresh sparse raw file (-t -e 8).
+# The servers are started outside the timed region; chainvault's time is the
+# whole CLI call (API, its restore export, block status, copy, fsync or
+# NBD flush). Every result is compared with the point (cmp) outside the
+# timing. Rounds are interleaved; medians and ratios (peer time / chainvault
+# time: above 1 means chainvault is faster) are printed, with the load.
+#
+# usage: bench/restore-disk.sh [--size 2G] [--changed-permille 20] [--runs 5]
+# env:   CHAINVAULT, BENCH_TMP, BENCH_KEEP as for ingest.sh.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+size=2G permille=20 runs=5
+while (($#)); do
+    case $1 in
+        --size) size=$2; shift 2 ;;
+        --changed-permille) permille=$2; shift 2 ;;
+        --runs) runs=$2; shift 2 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) die "unknown argument '$1' (try --help)" ;;
+    esac
+done
+[[ $runs =~ ^[0-9]+$ ]] && ((runs >= 1)) || die "--runs wants a positive number"
+[[ $permille =~ ^[0-9]+$ ]] && ((permille >= 1 && permille <= 1000)) || die "--changed-permille wants 1..1000"
+bytes=$(to_bytes "$size")
+((bytes % 65536 == 0 && bytes >= (64 << 20))) || die "--size must be a multiple of 64K and at least 64M"
+
+need qemu-img qemu-utils
+need qemu-io qemu-utils
+need qemu-nbd qemu-utils
+need nbdcopy libnbd-bin
+need nbdinfo libnbd-bin
+PY=/usr/bin/python3
+[[ -x $PY ]] || die "python3 is missing; install it with: apt-get install -y python3"
+cv=$(find_chainvault)
+
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+make_workdir
+work=$BENCH_WORK
+free_space_check "$work" $((bytes * 5 + (512 << 20)))
+results=$work/results.tsv
+: >"$results"
+log "chainvault: $cv"
+log "scratch: $work; machine: $(machine_note)"
+
+API=""
+serve() {
+    rm -f "$1.out"
+    "$cv" serve --data "$1" --listen 127.0.0.1:0 --nbd-socket "$1.sock" >"$1.out" 2>"$1.err" &
+    SERVE_PID=$!
+    SERVER_PIDS+=("$SERVE_PID")
+    local i
+    for ((i = 0; i < 600; i++)); do
+        API=$(sed -nE 's/^ready api=([^ ]+) .*/\1/p' "$1.out" 2>/dev/null || true)
+        [[ -n $API ]] && return 0
+        kill -0 "$SERVE_PID" 2>/dev/null || { cat "$1.err" >&2; die "chainvault serve exited"; }
+        sleep 0.05
+    done
+    die "no ready line from chainvault serve on $1"
+}
+
+log "source: $size qcow2 of random data; 3 incrementals of $permille/1000 of its 64 KiB blocks each"
+head -c "$bytes" /dev/urandom >"$work/src.raw"
+qemu-img convert -q -f raw -O qcow2 "$work/src.raw" "$work/src.qcow2"
+rm -f "$work/src.raw"
+serve "$work/repo"
+"$cv" backup --server "$API" --vm m --disk "$work/src.qcow2" --rotate --no-progress >/dev/null
+nblocks=$((bytes / 65536))
+for i in 1 2 3; do
+    "$PY" - "$nblocks" "$permille" "$i" >"$work/writes.qemu-io" <<'PY'
+import random, sys
+n, permille, seed = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+for b in rng.sample(range(n), max(1, n * permille // 1000)):
+    print(f"write -P {rng.randrange(1, 256)} {b * 65536} 64k")
+PY
+    qemu-io -f qcow2 "$work/src.qcow2" <"$work/writes.qemu-io" >/dev/null
+    "$cv" backup --server "$API" --vm m --disk "$work/src.qcow2" --rotate --no-progress >/dev/null
+done
+top=$(ls "$work/repo/vms/m/disk0/"*.qcow2 | sort | tail -n 1)
+qemu-img convert -q -O raw "$top" "$work/want.raw"
+log "newest point: $top ($(numfmt --to=iec "$(allocated_bytes "$top")") own, chain of 4)"
+
+# The peer's source: qemu-nbd -r of the same chain, started once.
+start_server qemu-nbd-src "$work/src.sock" qemu-nbd -r -f qcow2 -t -e 8 --cache=none "--socket=$work/src.sock" "$top"
+src_uri="nbd+unix:///?socket=$work/src.sock"
+
+timed() { # timed WORK WHO CMD...
+    local t0 t1; t0=$(now_ns); "${@:3}" >/dev/null; t1=$(now_ns)
+    echo -e "$1\t$2\t$(( (t1 - t0) / 1000000 ))" >>"$results"
+}
+same() { cmp -s "$1" "$work/want.raw" || die "$2: the restored disk differs from the point"; }
+fresh_file() { rm -f "$1"; truncate -s "$bytes" "$1"; }
+target_server() { # target_server FILE: a qemu-nbd export of FILE; sets TGT_URI and TGT_PID
+    start_server qemu-nbd-dst "$work/dst.sock" qemu-nbd -f raw -t -e 8 --cache=none "--socket=$work/dst.sock" "$1"
+    TGT_PID=$SERVER_PID
+    TGT_URI="nbd+unix:///?socket=$work/dst.sock"
+}
+
+for ((r = 1; r <= runs; r++)); do
+    log "round $r of $runs"
+    rm -f "$work/out.raw"; sync
+    timed file chainvault "$cv" restore --server "$API" --vm m --to "$work/out.raw" --no-progress
+    same "$work/out.raw" "chainvault restore to a file"
+    rm -f "$work/out.raw"; sync
+    timed file nbdcopy nbdcopy "$src_uri" "$work/out.raw"
+    same "$work/out.raw" "nbdcopy to a file"
+
+    fresh_file "$work/dst.raw"; target_server "$work/dst.raw"
+    timed nbd chainvault "$cv" restore --server "$API" --vm m --to "$TGT_URI" --no-progress
+    stop_server "$TGT_PID"; same "$work/dst.raw" "chainvault restore to qemu-nbd"
+    fresh_file "$work/dst.raw"; target_server "$work/dst.raw"
+    timed nbd nbdcopy nbdcopy --flush "$src_uri" "$TGT_URI"
+    stop_server "$TGT_PID"; same "$work/dst.raw" "nbdcopy to qemu-nbd"
+done
+
+log "machine at the end: $(machine_note)"
+"$PY" - "$results" <<'PY'
+import statistics, sys
+t = {}
+for line in open(sys.argv[1]):
+    work, who, ms = line.split("\t")
+    t.setdefault((work, who), []).append(int(ms) / 1000)
+print(f"{'target':<8} {'who':<12} {'median s':>9}   runs")
+for (work, who), v in sorted(t.items()):
+    print(f"{work:<8} {who:<12} {statistics.median(v):9.3f}   {' '.join(f'{x:.3f}' for x in v)}")
+for work in ["file", "nbd"]:
+    a, b = statistics.median(t[(work, "chainvault")]), statistics.median(t[(work, "nbdcopy")])
+    print(f"{work}: chainvault restore {a:.3f} s, nbdcopy from qemu-nbd -r {b:.3f} s: ratio {b / a:.2f}x (above 1: chainvault faster)")
+PY
