@@ -458,6 +458,10 @@ pub struct ImportReport {
 pub struct RestoreRequest {
     pub backup_id: String,
     pub disk_id: u32,
+    /// Instant recovery: serve the point read-write through a scratch
+    /// overlay (the point itself never changes).
+    #[serde(default)]
+    pub writable: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -469,6 +473,12 @@ pub struct RestoreView {
     pub nbd_uri: String,
     pub size: u64,
     pub created_at: String,
+    /// An instant restore: writes go to a scratch overlay.
+    #[serde(default)]
+    pub writable: bool,
+    /// Bytes the overlay of an instant restore occupies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay_bytes: Option<u64>,
 }
 
 /// Numbers for `/metrics`.

@@ -170,13 +170,14 @@ async fn full_then_incremental_two_disks() {
         .open_restore(RestoreRequest {
             backup_id: r.backup_id.clone(),
             disk_id: 0,
+            writable: false,
         })
         .await
         .unwrap();
     let c = Client::connect(&rv.nbd_uri).await.unwrap();
     assert!(c.read(0, 8192).await.unwrap().iter().all(|&b| b == 1));
     c.disconnect().await.unwrap();
-    e.close_restore(&rv.restore_id).await.unwrap();
+    e.close_restore(&rv.restore_id, None).await.unwrap();
 
     // A running backup interrupted by shutdown leaves nothing behind.
     let r3 = e

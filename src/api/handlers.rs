@@ -245,7 +245,29 @@ pub async fn delete_backup(
 // Restores
 // ---------------------------------------------------------------------------
 
-/// `POST /api/v1/restores`: export one point in time read-only over NBD.
+/// `GET /api/v1/restores`: every open restore.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RestoreList {
+    pub restores: Vec<RestoreView>,
+}
+
+pub async fn list_restores(State(st): State<AppState>) -> ApiResult<Json<RestoreList>> {
+    let r = blocking(&st, |e| Ok(e.restores())).await?;
+    Ok(Json(RestoreList { restores: r }))
+}
+
+/// Query of `DELETE /api/v1/restores/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloseQuery {
+    /// Instant restores: keep the point with the writes merged in as a
+    /// standalone qcow2 image at this path (on the daemon's machine).
+    #[serde(default)]
+    pub keep_as: Option<String>,
+}
+
+/// `POST /api/v1/restores`: export one point in time over NBD (read-only,
+/// or with `writable` through a scratch overlay).
 pub async fn open_restore(
     State(st): State<AppState>,
     ApiJson(req): ApiJson<RestoreRequest>,
@@ -257,11 +279,20 @@ pub async fn open_restore(
 pub async fn close_restore(
     State(st): State<AppState>,
     ApiPath(restore_id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<CloseQuery>,
 ) -> ApiResult<Json<DeletedResponse>> {
-    st.engine.close_restore(&restore_id).await?;
+    let kept = st
+        .engine
+        .close_restore(&restore_id, q.keep_as.as_deref())
+        .await?;
     Ok(Json(DeletedResponse {
         status: "closed".into(),
-        message: format!("restore {restore_id} was closed; its NBD export is gone"),
+        message: match kept {
+            Some(p) => format!(
+                "restore {restore_id} was closed; the point with its writes is kept as {p} (a standalone qcow2)"
+            ),
+            None => format!("restore {restore_id} was closed; its NBD export is gone"),
+        },
         backup_id: None,
         restore_id: Some(restore_id),
         timestamp: now(),

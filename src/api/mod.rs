@@ -49,6 +49,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/backups/{backup_id}/complete"),
     ("post", "/api/v1/backups/{backup_id}/fail"),
     ("post", "/api/v1/restores"),
+    ("get", "/api/v1/restores"),
     ("delete", "/api/v1/restores/{restore_id}"),
     ("get", "/api/v1/policies"),
     ("get", "/api/v1/policies/default"),
@@ -98,7 +99,10 @@ pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
             "/api/v1/backups/{backup_id}/fail",
             post(handlers::fail_backup),
         )
-        .route("/api/v1/restores", post(handlers::open_restore))
+        .route(
+            "/api/v1/restores",
+            post(handlers::open_restore).get(handlers::list_restores),
+        )
         .route(
             "/api/v1/restores/{restore_id}",
             axum::routing::delete(handlers::close_restore),

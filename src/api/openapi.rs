@@ -72,6 +72,20 @@ fn build() -> Value {
     for (k, v) in paths.as_object().into_iter().flatten() {
         doc["paths"][k] = v.clone();
     }
+    doc["components"]["schemas"]["RestoreList"] = json!({
+        "type": "object", "required": ["restores"],
+        "properties": { "restores": { "type": "array", "items": r("RestoreView") } }
+    });
+    doc["paths"]["/api/v1/restores"]["get"] = json!({
+        "operationId": "listRestores",
+        "summary": "Every open restore; instant (writable) ones with the size of their overlay. Instant restores survive a daemon restart.",
+        "responses": responses(ok("The open restores.", r("RestoreList")), &[])
+    });
+    doc["paths"]["/api/v1/restores/{restore_id}"]["delete"]["parameters"] = json!([
+        query("keep_as", false, "Instant restores: first write the point with the overlay's writes merged in as a standalone qcow2 image at this absolute path (a new file outside the repository).", json!({ "type": "string" }))
+    ]);
+    doc["paths"]["/api/v1/restores/{restore_id}"]["delete"]["responses"]["400"] =
+        err("keep_as on a read-only restore, or a keep_as path that is relative, exists, is in a missing directory or inside the repository.");
     doc
 }
 
@@ -541,7 +555,8 @@ fn build_core() -> Value {
                     "required": ["backup_id", "disk_id"],
                     "properties": {
                         "backup_id": { "type": "string" },
-                        "disk_id": { "type": "integer", "minimum": 0 }
+                        "disk_id": { "type": "integer", "minimum": 0 },
+                        "writable": { "type": "boolean", "description": "Instant recovery: serve the point read-write through a scratch overlay in the repository; the point never changes." }
                     }
                 },
                 "RestoreView": {
@@ -552,9 +567,11 @@ fn build_core() -> Value {
                         "backup_id": { "type": "string" },
                         "disk_id": { "type": "integer", "minimum": 0 },
                         "export_name": { "type": "string" },
-                        "nbd_uri": { "type": "string", "description": "Read-only NBD export of the point in time (the whole chain below it)." },
+                        "nbd_uri": { "type": "string", "description": "NBD export of the point in time (the whole chain below it): read-only, or writable through the overlay of an instant restore." },
                         "size": { "type": "integer", "minimum": 0 },
-                        "created_at": { "type": "string", "format": "date-time" }
+                        "created_at": { "type": "string", "format": "date-time" },
+                        "writable": { "type": "boolean" },
+                        "overlay_bytes": { "type": "integer", "description": "Instant restores: bytes the scratch overlay occupies." }
                     }
                 },
                 "VerifyReport": {

@@ -229,7 +229,7 @@ pub(super) struct HttpSource {
 }
 
 impl HttpSource {
-    fn new(server: &str, token: Option<String>) -> HttpSource {
+    pub(super) fn new(server: &str, token: Option<String>) -> HttpSource {
         HttpSource {
             base: server.trim_end_matches('/').to_string(),
             token: token.filter(|t| !t.is_empty()),

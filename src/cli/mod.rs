@@ -66,6 +66,10 @@ pub enum Command {
     /// Write a point in time of a VM's disks to files, block devices, new
     /// qcow2 images or NBD exports.
     Restore(restore::RestoreArgs),
+    /// Open restore exports: list them, close them (and keep an instant
+    /// restore's writes as an image).
+    #[command(subcommand)]
+    Restores(restore::RestoresCmd),
 }
 
 /// Where the daemon is, for commands that talk to it.
@@ -123,5 +127,6 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Gc(a) => space::run_gc(a),
         Command::Usage(a) => space::run_usage(a),
         Command::Restore(a) => restore::run(a),
+        Command::Restores(c) => restore::run_restores(c),
     }
 }

@@ -26,8 +26,17 @@ pub struct RestoreArgs {
     pub at: String,
     /// Where each disk goes, in disk order: a file (created sparse, or
     /// overwritten), a block device, or an NBD URI.
-    #[arg(long = "to", value_name = "TARGET", required = true)]
+    #[arg(
+        long = "to",
+        value_name = "TARGET",
+        required_unless_present = "instant"
+    )]
     pub targets: Vec<String>,
+    /// Instant recovery: serve each disk of the point read-write over NBD
+    /// (through a scratch overlay; the point never changes) and print the
+    /// URIs. Close with `chainvault restores close RESTORE_ID [--keep-as PATH]`.
+    #[arg(long, conflicts_with_all = ["targets", "verify", "format"])]
+    pub instant: bool,
     /// Format of new file targets.
     #[arg(short = 'O', value_name = "FORMAT", default_value = "raw", value_parser = ["raw", "qcow2"])]
     pub format: String,
@@ -103,6 +112,9 @@ async fn run_async(a: RestoreArgs) -> anyhow::Result<u8> {
             .filter_map(|n| point.disks.iter().find(|d| d.disk_id == *n).cloned())
             .collect()
     };
+    if a.instant {
+        return instant(&a, &source, &point, &disks);
+    }
     if disks.len() != a.targets.len() {
         return fail(
             exit::USAGE,
@@ -232,6 +244,145 @@ fn close(source: &Source, restores: &[String]) {
         for id in restores {
             let _ =
                 h.call::<serde_json::Value>("DELETE", &format!("/api/v1/restores/{id}"), &[], None);
+        }
+    }
+}
+
+/// `restore --instant`: a writable restore per disk.
+fn instant(
+    a: &RestoreArgs,
+    source: &Source,
+    point: &BackupView,
+    disks: &[DiskBackupRecord],
+) -> anyhow::Result<u8> {
+    let Source::Http(h) = source else {
+        return fail(
+            exit::USAGE,
+            "instant recovery serves the disks over NBD from the daemon: run it without --data",
+        );
+    };
+    let mut views = Vec::new();
+    for d in disks {
+        let body =
+            serde_json::json!({ "backup_id": d.backup_id, "disk_id": d.disk_id, "writable": true });
+        match h.call::<RestoreView>("POST", "/api/v1/restores", &[], Some(&body)) {
+            Ok(v) => views.push(v),
+            Err(e) => {
+                for v in &views {
+                    let _ = h.call::<serde_json::Value>(
+                        "DELETE",
+                        &format!("/api/v1/restores/{}", v.restore_id),
+                        &[],
+                        None,
+                    );
+                }
+                return fail(daemon_code(&e), format!("{e:#}"));
+            }
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&views)?);
+    } else {
+        println!(
+            "VM {} at backup {} ({}), served read-write; the point itself does not change:",
+            a.vm, point.backup.backup_id, point.backup.created_at
+        );
+        for v in &views {
+            println!(
+                "disk {}: {}  (restore {})",
+                v.disk_id, v.nbd_uri, v.restore_id
+            );
+        }
+        println!(
+            "close each with: chainvault restores close RESTORE_ID [--keep-as /path/disk.qcow2]"
+        );
+    }
+    Ok(exit::OK)
+}
+
+/// `chainvault restores ...`
+#[derive(Debug, clap::Subcommand)]
+pub enum RestoresCmd {
+    /// Every open restore export; instant ones with their overlay's size.
+    List(RestoresListArgs),
+    /// Close a restore. An instant restore's writes are discarded, or with
+    /// --keep-as written out with the point as a standalone qcow2 image.
+    Close(RestoresCloseArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RestoresListArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub daemon: super::DaemonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoresCloseArgs {
+    #[arg(value_name = "RESTORE_ID")]
+    pub restore_id: String,
+    /// Keep the point with the instant restore's writes as this new qcow2
+    /// file (absolute path on the daemon's machine, outside the repository).
+    #[arg(long, value_name = "PATH")]
+    pub keep_as: Option<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub daemon: super::DaemonArgs,
+}
+
+pub fn run_restores(cmd: RestoresCmd) -> anyhow::Result<u8> {
+    match cmd {
+        RestoresCmd::List(a) => {
+            let h = super::inspect::HttpSource::new(&a.daemon.server, a.daemon.token.clone());
+            let v: serde_json::Value = h.call("GET", "/api/v1/restores", &[], None)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(0);
+            }
+            let list: Vec<RestoreView> = serde_json::from_value(v["restores"].clone())?;
+            if list.is_empty() {
+                println!("no open restores");
+            }
+            for r in list {
+                println!(
+                    "{}  backup {} disk {}  {}  {}{}",
+                    r.restore_id,
+                    r.backup_id,
+                    r.disk_id,
+                    if r.writable {
+                        "instant (writable)"
+                    } else {
+                        "read-only"
+                    },
+                    r.nbd_uri,
+                    r.overlay_bytes
+                        .map(|b| format!("  overlay {}", crate::units::human(b)))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(0)
+        }
+        RestoresCmd::Close(a) => {
+            let h = super::inspect::HttpSource::new(&a.daemon.server, a.daemon.token.clone());
+            let mut q = Vec::new();
+            if let Some(k) = &a.keep_as {
+                let abs = std::path::absolute(k).with_context(|| k.display().to_string())?;
+                q.push(("keep_as", abs.to_string_lossy().into_owned()));
+            }
+            let r: crate::api::handlers::DeletedResponse = h.call(
+                "DELETE",
+                &format!("/api/v1/restores/{}", a.restore_id),
+                &q,
+                None,
+            )?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("{}", r.message);
+            }
+            Ok(0)
         }
     }
 }

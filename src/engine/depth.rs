@@ -28,7 +28,7 @@ use crate::catalog::Change;
 use crate::model::*;
 
 /// Copy every byte `chain` reads into the empty image `dst`.
-fn flatten_into(chain: &Chain, dst: &Image) -> chainvault_qcow::Result<()> {
+pub(super) fn flatten_into(chain: &Chain, dst: &Image) -> chainvault_qcow::Result<()> {
     let size = chain.size();
     let mut buf = Vec::new();
     let mut off = 0u64;

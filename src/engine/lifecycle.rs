@@ -369,6 +369,12 @@ impl Engine {
                     "backup {backup_id} is being consolidated with a removed neighbour; try again when that ends"
                 )));
             }
+            if let Some(r) = self.instant_restores_of(backup_id).first() {
+                return Err(EngineError::Conflict(format!(
+                    "backup {backup_id} has an instant restore open ({r}); close it first \
+                     (DELETE /api/v1/restores/{r}, optionally ?keep_as=PATH)"
+                )));
+            }
             if lock(&self.restores)
                 .values()
                 .any(|r| r.view.backup_id == backup_id)

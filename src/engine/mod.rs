@@ -29,6 +29,7 @@
 //! | `prune.rs` | policies, prune, the daemon's own prune task |
 //! | `depth.rs` | the chain depth limit |
 //! | `import.rs` | adopting existing qcow2 files as points |
+//! | `instant.rs` | instant recovery: writable restores through scratch overlays |
 //! | `space.rs` | usage, orphans, gc |
 //! | `repo.rs` | the repository's paths, sidecars, atomic writes, ids |
 
@@ -36,6 +37,7 @@ mod backup;
 mod depth;
 mod error;
 pub mod import;
+pub mod instant;
 pub mod lifecycle;
 pub mod prune;
 mod reads;
@@ -109,6 +111,8 @@ struct RunningDisk {
 
 struct RestoreEntry {
     view: RestoreView,
+    /// An instant restore's writable chain (flushed when it closes).
+    chain: Option<Arc<Chain>>,
 }
 
 /// The backup engine (state lives in the catalog and the repository directory).
@@ -216,6 +220,8 @@ impl Engine {
             shutting_down: AtomicBool::new(false),
         });
         engine.recover()?;
+        // Instant restores come back under their names (engine/instant.rs).
+        engine.reopen_instants();
         let weak = Arc::downgrade(&engine);
         tokio::spawn(async move {
             loop {
@@ -362,9 +368,25 @@ impl Engine {
                 warn!(backup = %b, error = %e, "could not mark the backup interrupted");
             }
         }
-        let restores: Vec<String> = lock(&self.restores).keys().cloned().collect();
-        for r in restores {
-            let _ = self.close_restore(&r).await;
+        let restores: Vec<(String, bool)> = lock(&self.restores)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.view.writable))
+            .collect();
+        for (r, writable) in restores {
+            if writable {
+                // Instant restores outlive the daemon: flushed, not closed.
+                let entry = lock(&self.restores).remove(&r);
+                if let (Some(e), Some(s)) = (entry, &self.nbd) {
+                    s.remove_export(&e.view.export_name).await;
+                    if let Some(c) = e.chain {
+                        if let Err(err) = c.flush() {
+                            warn!(restore = %r, error = %err, "flushing an instant restore's overlay");
+                        }
+                    }
+                }
+            } else {
+                let _ = self.close_restore(&r, None).await;
+            }
         }
         if let Some(s) = &self.nbd {
             s.shutdown(Duration::from_secs(10)).await;

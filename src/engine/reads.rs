@@ -138,6 +138,9 @@ impl Engine {
                 d.status.as_str()
             )));
         }
+        if req.writable {
+            return self.open_instant(&d).await;
+        }
         let abs = self.abs(&d.image);
         let opts = self.chain_options(false);
         let chain = tokio::task::spawn_blocking(move || Chain::open(&abs, &opts))
@@ -169,26 +172,68 @@ impl Engine {
                 .unwrap_or_default(),
             size,
             created_at: now(),
+            writable: false,
+            overlay_bytes: None,
         };
-        lock(&self.restores).insert(restore_id, RestoreEntry { view: view.clone() });
+        lock(&self.restores).insert(
+            restore_id,
+            RestoreEntry {
+                view: view.clone(),
+                chain: None,
+            },
+        );
         Ok(view)
     }
 
-    pub async fn close_restore(&self, restore_id: &str) -> EngineResult<()> {
+    /// Close a restore. An instant restore's overlay is discarded, or with
+    /// `keep_as` first written out as a standalone image (its path returned).
+    pub async fn close_restore(
+        &self,
+        restore_id: &str,
+        keep_as: Option<&str>,
+    ) -> EngineResult<Option<String>> {
+        let writable = {
+            let r = lock(&self.restores);
+            let e = r
+                .get(restore_id)
+                .ok_or_else(|| EngineError::not_found("restore", restore_id))?;
+            e.view.writable
+        };
+        if !writable && keep_as.is_some() {
+            return Err(EngineError::BadRequest(
+                "keep_as is for instant (writable) restores; a read-only restore has nothing to keep"
+                    .into(),
+            ));
+        }
+        if writable {
+            if let Some(k) = keep_as {
+                // Refuse a bad path before the export goes away.
+                self.check_keep_as_path(k)?;
+            }
+        }
         let entry = lock(&self.restores)
             .remove(restore_id)
             .ok_or_else(|| EngineError::not_found("restore", restore_id))?;
+        if writable {
+            return self.close_instant(entry, keep_as).await;
+        }
         if let Some(s) = &self.nbd {
             s.remove_export(&entry.view.export_name).await;
         }
-        Ok(())
+        Ok(None)
     }
 
+    /// Every open restore, instant ones with their overlay's size.
     pub fn restores(&self) -> Vec<RestoreView> {
-        lock(&self.restores)
+        let mut v: Vec<RestoreView> = lock(&self.restores)
             .values()
             .map(|r| r.view.clone())
-            .collect()
+            .collect();
+        for r in v.iter_mut().filter(|r| r.writable) {
+            r.overlay_bytes = self.overlay_bytes(&r.restore_id);
+        }
+        v.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        v
     }
 
     // --------------------------------------------------------------- metrics

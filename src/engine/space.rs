@@ -11,6 +11,8 @@
 //! | `vms/<vm>/disk<N>/<id>.json` | the same record (it is that image's sidecar) |
 //! | `journal/<id>-disk<N>.json` | itself: a removal to finish (never an orphan) |
 //! | `journal/<id>-disk<N>.header` | its journal |
+//! | `instant/<restore_id>.json` | itself: an open instant restore |
+//! | `instant/<restore_id>-disk<N>.qcow2` | that record (its scratch overlay) |
 //! | `catalog/`, the NBD socket, anything outside `vms/` and `journal/` | not ours to judge |
 //!
 //! Everything else under `vms/` and `journal/` is an orphan: an image or
@@ -261,6 +263,40 @@ impl Engine {
                 None
             } else if name.ends_with(".header") {
                 (!f.with_extension("json").exists()).then_some("saved header whose journal is gone")
+            } else {
+                Some("not a file chainvault writes here")
+            };
+            if let Some(reason) = reason {
+                out.push(Orphan {
+                    path: rel(&self.data, &f),
+                    bytes: allocated(&f),
+                    reason: reason.into(),
+                });
+            }
+        }
+        // Instant restores: overlays their records name.
+        let named: HashSet<PathBuf> = super::instant::records(&self.data)
+            .into_iter()
+            .map(|r| self.data.join(r.overlay))
+            .collect();
+        let mut ifiles = Vec::new();
+        walk(
+            &super::instant::instant_dir(&self.data),
+            &mut ifiles,
+            &mut Vec::new(),
+        );
+        ifiles.sort();
+        for f in ifiles {
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let reason = if name.starts_with('.') {
+                Some("temporary file of an interrupted write")
+            } else if name.ends_with(".json") {
+                None
+            } else if name.ends_with(".qcow2") {
+                (!named.contains(&f)).then_some("instant-restore overlay without its record")
             } else {
                 Some("not a file chainvault writes here")
             };

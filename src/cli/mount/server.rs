@@ -132,6 +132,7 @@ impl Source for ServerSource {
         let body = RestoreRequest {
             backup_id: p.backup_id.clone(),
             disk_id: p.disk_id,
+            writable: false,
         };
         let what = format!("opening a restore of disk {} of {}", p.disk_id, p.backup_id);
         let view: RestoreView = self
