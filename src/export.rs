@@ -33,6 +33,61 @@ pub struct QcowExport {
     /// reset, kept as an overlay of the previous point).
     compare: bool,
     activity: Option<Arc<Activity>>,
+    /// `qemu:dirty-bitmap:NAME` contexts: name and the sorted, merged guest
+    /// ranges it marks dirty.
+    dirty: Vec<(String, Vec<(u64, u64)>)>,
+}
+
+/// Guest ranges the `layers` top layers of `chain` hold themselves (data or
+/// recorded zeroes), sorted and merged: the blocks that differ between the
+/// chain's top and the point `layers` levels down (they differ nowhere else).
+pub fn changed_ranges(chain: &Chain, layers: usize) -> chainvault_qcow::Result<Vec<(u64, u64)>> {
+    let mut all: Vec<(u64, u64)> = Vec::new();
+    for l in chain.layers().iter().take(layers) {
+        let chainvault_qcow::Layer::Qcow(img) = l else {
+            // A raw layer holds everything.
+            return Ok(vec![(0, chain.size())]);
+        };
+        for e in img.block_status(0, img.size())? {
+            if e.kind != ExtentKind::Unallocated {
+                all.push((e.offset, e.length));
+            }
+        }
+    }
+    all.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(all.len());
+    for (o, l) in all {
+        match out.last_mut() {
+            Some(p) if o <= p.0 + p.1 => p.1 = p.1.max(o + l - p.0),
+            _ => out.push((o, l)),
+        }
+    }
+    Ok(out)
+}
+
+/// The guest ranges layer `k` of `chain` holds itself (data or recorded
+/// zeroes), sorted and merged.
+pub fn changed_ranges_of_layer(
+    chain: &Chain,
+    k: usize,
+) -> chainvault_qcow::Result<Vec<(u64, u64)>> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    match chain.layers().get(k) {
+        Some(chainvault_qcow::Layer::Qcow(img)) => {
+            for e in img.block_status(0, img.size())? {
+                if e.kind == ExtentKind::Unallocated {
+                    continue;
+                }
+                match out.last_mut() {
+                    Some(p) if p.0 + p.1 == e.offset => p.1 += e.length,
+                    _ => out.push((e.offset, e.length)),
+                }
+            }
+        }
+        Some(_) => out.push((0, chain.size())),
+        None => {}
+    }
+    Ok(out)
 }
 
 /// Counters the engine watches: last request time and bytes written.
@@ -66,7 +121,48 @@ impl QcowExport {
             description: description.into(),
             compare: false,
             activity: None,
+            dirty: Vec::new(),
         }
+    }
+
+    /// Offer `qemu:dirty-bitmap:NAME` contexts over these ranges.
+    pub fn with_dirty_bitmaps(mut self, d: Vec<(String, Vec<(u64, u64)>)>) -> Self {
+        self.dirty = d;
+        self
+    }
+
+    /// Extents of `offset..offset+len` for one dirty bitmap (flag 1: dirty).
+    fn dirty_extents(&self, i: usize, offset: u64, len: u64) -> Vec<NbdExtent> {
+        let ranges = self.dirty.get(i).map(|d| d.1.as_slice()).unwrap_or(&[]);
+        let end = offset + len;
+        let mut out: Vec<NbdExtent> = Vec::new();
+        let mut push = |n: u64, flags: u32| {
+            if n == 0 {
+                return;
+            }
+            match out.last_mut() {
+                Some(l) if l.flags == flags => l.length += n,
+                _ => out.push(NbdExtent { length: n, flags }),
+            }
+        };
+        let mut pos = offset;
+        let start = ranges.partition_point(|r| r.0 + r.1 <= offset);
+        for &(o, l) in &ranges[start..] {
+            if pos >= end || o >= end {
+                break;
+            }
+            if o > pos {
+                push(o - pos, 0);
+                pos = o;
+            }
+            let stop = (o + l).min(end);
+            if stop > pos {
+                push(stop - pos, 1);
+                pos = stop;
+            }
+        }
+        push(end.saturating_sub(pos), 0);
+        out
     }
 
     /// Compare writes with what the chain below already holds, and store only
@@ -243,9 +339,16 @@ impl BlockExport for QcowExport {
         }
     }
 
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        self.dirty.iter().map(|d| d.0.clone()).collect()
+    }
+
     fn block_status(&self, offset: u64, len: u64, ctx: MetaContext) -> io::Result<Vec<NbdExtent>> {
         self.touch();
         let len = len.min(MAX_STATUS_SPAN);
+        if let MetaContext::DirtyBitmap(i) = ctx {
+            return Ok(self.dirty_extents(i as usize, offset, len));
+        }
         let extents = self.chain.block_status(offset, len).map_err(io_err)?;
         let mut out: Vec<NbdExtent> = Vec::new();
         for e in extents {
@@ -258,6 +361,7 @@ impl BlockExport for QcowExport {
                     ExtentKind::Unallocated => 0,
                     _ => e.depth + 1,
                 },
+                MetaContext::DirtyBitmap(_) => 0,
             };
             match out.last_mut() {
                 Some(l) if l.flags == flags => l.length += e.length,

@@ -494,3 +494,214 @@ fn bad_points_and_targets_are_refused_and_nothing_changes() {
     let (code, _, se) = restore(&["--vm", VM, "--to", o, "--server", "http://127.0.0.1:9"]);
     assert_eq!(code, 3, "{se}");
 }
+
+/// `nbdinfo --map=CONTEXT URI`: the ranges with flag 1.
+fn nbdinfo_dirty(uri: &str, ctx: &str) -> Vec<(u64, u64)> {
+    let out = run_ok(cmd("nbdinfo", &[&format!("--map={ctx}"), uri]));
+    let mut v = Vec::new();
+    for line in text(&out.stdout).lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() >= 3 {
+            if let (Ok(o), Ok(l), Ok(t)) = (
+                f[0].parse::<u64>(),
+                f[1].parse::<u64>(),
+                f[2].parse::<u32>(),
+            ) {
+                if t & 1 != 0 {
+                    v.push((o, l));
+                }
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn quick_rollback_writes_only_what_changed_since_the_point_the_target_holds() {
+    tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("data"));
+    let size = 32 * MIB;
+    let src = tmp.path().join("live.raw");
+    make_disk(&src, size, 61);
+    let mut pts: Vec<(String, PathBuf)> = Vec::new();
+    for i in 0..3 {
+        let r = if i == 0 {
+            d.start_backup(&start_body("rb", "full", Some(json!([disk_spec(0, size)]))))
+        } else {
+            d.start_backup(&start_body("rb", "incremental", None))
+        };
+        let id = s(&r["backup_id"]);
+        let uri = s(&disk_of(&r, 0)["nbd_uri"]);
+        if i == 0 {
+            nbdcopy(&src, &uri);
+        } else {
+            let ch = modify_disk(&src, 900 + i as u64, 25, Fill::Pattern);
+            qemu_io_changes(&uri, &ch);
+        }
+        d.complete(&id, 0, &format!("c{i}"), size);
+        let snap = tmp.path().join(format!("p{i}.raw"));
+        snapshot_source(&src, &snap);
+        pts.push((id, snap));
+    }
+    let (p1, p3) = (&pts[0].0, &pts[2].0);
+
+    // What changed between the two points, by the source snapshots.
+    let (a, b) = (
+        std::fs::read(&pts[0].1).unwrap(),
+        std::fs::read(&pts[2].1).unwrap(),
+    );
+    let blk = 64 * KIB as usize;
+    let changed: Vec<u64> = (0..a.len() / blk)
+        .filter(|i| a[i * blk..(i + 1) * blk] != b[i * blk..(i + 1) * blk])
+        .map(|i| (i * blk) as u64)
+        .collect();
+    assert!(!changed.is_empty());
+    // The restore export of point 3 offers what changed since point 1.
+    let ro = d.post_ok(
+        "/api/v1/restores",
+        &json!({ "backup_id": p3, "disk_id": 0 }),
+    );
+    let dirty = nbdinfo_dirty(&s(&ro["nbd_uri"]), &format!("qemu:dirty-bitmap:since-{p1}"));
+    let dirty_bytes: u64 = dirty.iter().map(|r| r.1).sum();
+    for off in &changed {
+        assert!(
+            dirty
+                .iter()
+                .any(|&(o, l)| *off >= o && *off + blk as u64 <= o + l),
+            "block at {off} changed between the snapshots but is not in the map"
+        );
+    }
+    let changed_bytes = changed.len() as u64 * blk as u64;
+    assert!(
+        dirty_bytes <= changed_bytes * 11 / 10 + 64 * KIB,
+        "the map marks {dirty_bytes} bytes for {changed_bytes} changed"
+    );
+    d.delete(&format!("/api/v1/restores/{}", s(&ro["restore_id"])));
+
+    // Restore point 1 to a file, then roll it forward to point 3.
+    let f = tmp.path().join("rolled.raw");
+    restore_ok(&[
+        "--vm",
+        "rb",
+        "--at",
+        p1,
+        "--to",
+        f.to_str().unwrap(),
+        "--server",
+        &d.api,
+    ]);
+    let v = restore_ok(&[
+        "--vm",
+        "rb",
+        "--at",
+        p3,
+        "--since",
+        p1,
+        "--check",
+        "--to",
+        f.to_str().unwrap(),
+        "--server",
+        &d.api,
+    ]);
+    same_bytes("rolled forward", &f, &pts[2].1);
+    let disk = &v["disks"][0];
+    let sent = disk["written"].as_u64().unwrap() + disk["zeroed"].as_u64().unwrap();
+    assert_eq!(
+        disk["changed_bytes"].as_u64(),
+        Some(dirty_bytes),
+        "{}",
+        pretty(&v)
+    );
+    assert!(
+        sent <= dirty_bytes * 11 / 10 && sent * 10 >= dirty_bytes * 9,
+        "sent {sent} bytes for {dirty_bytes} dirty: {}",
+        pretty(&v)
+    );
+
+    // --check refuses a target that does not hold point 1; a bad --since is refused.
+    let wrong = tmp.path().join("wrong.raw");
+    make_disk(&wrong, size, 4242);
+    let before = std::fs::read(&wrong).unwrap();
+    let (code, _, se) = restore(&[
+        "--vm",
+        "rb",
+        "--at",
+        p3,
+        "--since",
+        p1,
+        "--check",
+        "--to",
+        wrong.to_str().unwrap(),
+        "--server",
+        &d.api,
+    ]);
+    assert_eq!(code, 2, "{se}");
+    assert!(se.contains("does not hold point"), "{se}");
+    assert!(
+        std::fs::read(&wrong).unwrap() == before,
+        "the refused target is untouched"
+    );
+    let (code, _, se) = restore(&[
+        "--vm",
+        "rb",
+        "--at",
+        p1,
+        "--since",
+        p3,
+        "--to",
+        f.to_str().unwrap(),
+        "--server",
+        &d.api,
+    ]);
+    assert_eq!(code, 2, "{se}");
+    assert!(se.contains("not earlier"), "{se}");
+    let (code, _, se) = restore(&[
+        "--vm",
+        "rb",
+        "--at",
+        p3,
+        "--since",
+        p1,
+        "--to",
+        tmp.path().join("new.raw").to_str().unwrap(),
+        "--server",
+        &d.api,
+    ]);
+    assert_eq!(code, 2, "{se}");
+    assert!(se.contains("does not exist"), "{se}");
+
+    // The same on the repository directly.
+    d.stop();
+    let g = tmp.path().join("rolled-offline.raw");
+    let data = tmp.path().join("data");
+    restore_ok(&[
+        "--vm",
+        "rb",
+        "--at",
+        &pts[1].0,
+        "--to",
+        g.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    let v = restore_ok(&[
+        "--vm",
+        "rb",
+        "--at",
+        p3,
+        "--since",
+        &pts[1].0,
+        "--check",
+        "--to",
+        g.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    same_bytes("rolled forward offline", &g, &pts[2].1);
+    assert!(
+        v["disks"][0]["changed_bytes"].as_u64().unwrap() < dirty_bytes,
+        "{}",
+        pretty(&v)
+    );
+}

@@ -25,23 +25,67 @@ pub enum MetaContext {
     /// comes from layer N counting from 1 at the top (the image being served),
     /// exactly as `qemu-nbd -A` reports it.
     AllocationDepth,
+    /// `qemu:dirty-bitmap:NAME`: the export's bitmap number N (an index into
+    /// [`BlockExport::dirty_bitmaps`]); flag 1 marks a dirty block.
+    DirtyBitmap(u16),
 }
 
 impl MetaContext {
     /// All contexts this crate knows.
     pub const ALL: [MetaContext; 2] = [MetaContext::BaseAllocation, MetaContext::AllocationDepth];
 
-    /// The wire name of the context.
+    /// The wire name of a fixed context (dirty bitmaps: see [`MetaContext::wire_name`]).
     pub fn name(self) -> &'static str {
         match self {
             MetaContext::BaseAllocation => crate::proto::CONTEXT_BASE_ALLOCATION,
             MetaContext::AllocationDepth => crate::proto::CONTEXT_ALLOCATION_DEPTH,
+            MetaContext::DirtyBitmap(_) => "qemu:dirty-bitmap:",
         }
     }
 
-    /// Parse an exact wire name.
+    /// The wire name on `export` (a dirty bitmap's name is the export's).
+    pub fn wire_name(self, export: &dyn BlockExport) -> String {
+        match self {
+            MetaContext::DirtyBitmap(i) => format!(
+                "qemu:dirty-bitmap:{}",
+                export
+                    .dirty_bitmaps()
+                    .get(i as usize)
+                    .cloned()
+                    .unwrap_or_default()
+            ),
+            c => c.name().to_string(),
+        }
+    }
+
+    /// Parse an exact wire name of a fixed context.
     pub fn from_name(name: &str) -> Option<MetaContext> {
         MetaContext::ALL.into_iter().find(|c| c.name() == name)
+    }
+
+    /// Parse an exact wire name, dirty bitmaps of `export` included.
+    pub fn from_wire_name(name: &str, export: &dyn BlockExport) -> Option<MetaContext> {
+        if let Some(b) = name.strip_prefix("qemu:dirty-bitmap:") {
+            return export
+                .dirty_bitmaps()
+                .iter()
+                .position(|n| n == b)
+                .and_then(|i| u16::try_from(i).ok())
+                .map(MetaContext::DirtyBitmap);
+        }
+        MetaContext::from_name(name)
+    }
+
+    /// Every context `export` can answer.
+    pub fn offered(export: &dyn BlockExport) -> Vec<MetaContext> {
+        let caps = export.capabilities();
+        let mut v: Vec<MetaContext> = MetaContext::ALL
+            .into_iter()
+            .filter(|c| caps.supports(*c))
+            .collect();
+        let n = export.dirty_bitmaps().len().min(u16::MAX as usize);
+        v.extend((0..n).map(|i| MetaContext::DirtyBitmap(i as u16)));
+        v
     }
 }
 
@@ -90,6 +134,7 @@ impl Capabilities {
             // generic clients get an answer even from exports without holes.
             MetaContext::BaseAllocation => true,
             MetaContext::AllocationDepth => self.allocation_depth,
+            MetaContext::DirtyBitmap(_) => true,
         }
     }
 }
@@ -174,6 +219,13 @@ pub trait BlockExport: Send + Sync + 'static {
         BlockSizes::default()
     }
 
+    /// Names of the dirty bitmaps offered as `qemu:dirty-bitmap:NAME`
+    /// contexts (none by default). `block_status` answers
+    /// [`MetaContext::DirtyBitmap`] with the index into this list.
+    fn dirty_bitmaps(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Human readable description (`NBD_INFO_DESCRIPTION`, `NBD_OPT_LIST`).
     fn description(&self) -> String {
         String::new()
@@ -234,6 +286,7 @@ pub trait BlockExport: Send + Sync + 'static {
         let flags = match ctx {
             MetaContext::BaseAllocation => 0,
             MetaContext::AllocationDepth => 1,
+            MetaContext::DirtyBitmap(_) => 0,
         };
         Ok(vec![Extent { length: len, flags }])
     }
@@ -566,6 +619,11 @@ impl BlockExport for FileExport {
                     flags: if e.flags & STATE_HOLE != 0 { 0 } else { 1 },
                 })
                 .collect(),
+            // No bitmaps are offered, so none is asked for.
+            MetaContext::DirtyBitmap(_) => vec![Extent {
+                length: len.max(1),
+                flags: 0,
+            }],
         })
     }
 }
@@ -980,6 +1038,7 @@ impl BlockExport for MemExport {
                 (MetaContext::BaseAllocation, false) => STATE_HOLE | STATE_ZERO,
                 (MetaContext::AllocationDepth, true) => 1,
                 (MetaContext::AllocationDepth, false) => 0,
+                (MetaContext::DirtyBitmap(_), _) => 0,
             };
             match out.last_mut() {
                 Some(last) if last.flags == flags => last.length += next - pos,

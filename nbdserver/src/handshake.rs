@@ -523,17 +523,15 @@ where
     Ok(if option == opt::GO { Some(n) } else { None })
 }
 
-/// Contexts a LIST query matches (namespace wildcards allowed).
-fn list_matches(query: &str, caps: &Capabilities) -> Vec<MetaContext> {
-    let candidates = MetaContext::ALL.into_iter().filter(|c| caps.supports(*c));
+/// Contexts a LIST query matches (namespace wildcards allowed, and
+/// `qemu:dirty-bitmap:` for every bitmap).
+fn list_matches(query: &str, export: &dyn BlockExport) -> Vec<MetaContext> {
+    let candidates = MetaContext::offered(export).into_iter();
     match query {
-        "base:" => candidates
-            .filter(|c| c.name().starts_with("base:"))
+        "base:" | "qemu:" | "qemu:dirty-bitmap:" => candidates
+            .filter(|c| c.wire_name(export).starts_with(query))
             .collect(),
-        "qemu:" => candidates
-            .filter(|c| c.name().starts_with("qemu:"))
-            .collect(),
-        q => candidates.filter(|c| c.name() == q).collect(),
+        q => candidates.filter(|c| c.wire_name(export) == q).collect(),
     }
 }
 
@@ -609,20 +607,17 @@ where
     let mut chosen: Vec<MetaContext> = Vec::new();
     if set {
         for q in &queries {
-            if let Some(ctx) = MetaContext::from_name(q) {
+            if let Some(ctx) = MetaContext::from_wire_name(q, export.as_ref()) {
                 if caps.supports(ctx) && !chosen.contains(&ctx) {
                     chosen.push(ctx);
                 }
             }
         }
     } else if queries.is_empty() {
-        chosen = MetaContext::ALL
-            .into_iter()
-            .filter(|c| caps.supports(*c))
-            .collect();
+        chosen = MetaContext::offered(export.as_ref());
     } else {
         for q in &queries {
-            for ctx in list_matches(q, &caps) {
+            for ctx in list_matches(q, export.as_ref()) {
                 if !chosen.contains(&ctx) {
                     chosen.push(ctx);
                 }
@@ -631,9 +626,10 @@ where
     }
     for (i, ctx) in chosen.iter().enumerate() {
         let id: u32 = if set { i as u32 + 1 } else { 0 };
-        let mut b = Vec::with_capacity(4 + ctx.name().len());
+        let name = ctx.wire_name(export.as_ref());
+        let mut b = Vec::with_capacity(4 + name.len());
         b.extend_from_slice(&id.to_be_bytes());
-        b.extend_from_slice(ctx.name().as_bytes());
+        b.extend_from_slice(name.as_bytes());
         send_reply(s, option, rep::META_CONTEXT, &b).await?;
     }
     send_reply(s, option, rep::ACK, &[]).await?;

@@ -1127,6 +1127,7 @@ fn block_status_reply(
         let supported = match ctx {
             MetaContext::BaseAllocation => conn.caps.base_allocation,
             MetaContext::AllocationDepth => conn.caps.allocation_depth,
+            MetaContext::DirtyBitmap(_) => true,
         };
         let extents = if supported {
             match export.block_status(offset, len, ctx) {

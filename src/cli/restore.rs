@@ -43,6 +43,14 @@ pub struct RestoreArgs {
     /// Read every byte back and compare it with the point.
     #[arg(long)]
     pub verify: bool,
+    /// Quick rollback: the targets hold this earlier point (a backup id or a
+    /// time) of the same chain; write only the blocks that changed since.
+    #[arg(long, value_name = "POINT")]
+    pub since: Option<String>,
+    /// With --since: first compare samples of each target with that point,
+    /// and refuse a target that does not hold it.
+    #[arg(long, requires = "since")]
+    pub check: bool,
     /// Print the summary as JSON.
     #[arg(long)]
     pub json: bool,
@@ -115,6 +123,41 @@ async fn run_async(a: RestoreArgs) -> anyhow::Result<u8> {
     if a.instant {
         return instant(&a, &source, &point, &disks);
     }
+    let since: Option<BackupView> = match &a.since {
+        None => None,
+        Some(x) => {
+            let ids: Vec<u32> = disks.iter().map(|d| d.disk_id).collect();
+            match restore::choose_point(&a.vm, &backups, x, &ids) {
+                Ok(p) if p.backup.backup_id < point.backup.backup_id => Some(p.clone()),
+                Ok(p) => {
+                    return fail(
+                        exit::USAGE,
+                        format!(
+                            "--since {} is not earlier than the point restored ({}): a rollback goes from an older point to a newer one",
+                            p.backup.backup_id, point.backup.backup_id
+                        ),
+                    )
+                }
+                Err(m) => return fail(exit::USAGE, format!("--since: {m}")),
+            }
+        }
+    };
+    if since.is_some() {
+        if a.format == "qcow2" {
+            return fail(
+                exit::USAGE,
+                "--since rolls an existing target forward; -O qcow2 makes a new image",
+            );
+        }
+        for t in &a.targets {
+            if !t.contains("://") && !std::path::Path::new(t).exists() {
+                return fail(
+                    exit::USAGE,
+                    format!("--since rolls an existing target forward, and {t} does not exist: restore it in full"),
+                );
+            }
+        }
+    }
     if disks.len() != a.targets.len() {
         return fail(
             exit::USAGE,
@@ -161,6 +204,10 @@ async fn run_async(a: RestoreArgs) -> anyhow::Result<u8> {
     // The readers: restore exports of the daemon, or the chains themselves.
     let mut readers = Vec::new();
     let mut restores: Vec<String> = Vec::new();
+    let mut only: Vec<Option<Vec<(u64, u64)>>> = Vec::new();
+    let since_ctx = since
+        .as_ref()
+        .map(|p| format!("qemu:dirty-bitmap:since-{}", p.backup.backup_id));
     for d in &disks {
         let r = match &source {
             Source::Offline(e) => {
@@ -174,13 +221,68 @@ async fn run_async(a: RestoreArgs) -> anyhow::Result<u8> {
                 )
                 .map(|c| Reader::Local(Arc::new(c)))
                 .map_err(|e| format!("opening disk {} of backup {}: {e}", d.disk_id, d.backup_id))
+                .and_then(|r| match (&since, &r) {
+                    (Some(a_pt), Reader::Local(c)) => {
+                        // How many layers above the earlier point this one is.
+                        let mut k = 0usize;
+                        let mut cur = Some(d.clone());
+                        let mut found = false;
+                        while let Some(x) = cur {
+                            if x.backup_id == a_pt.backup.backup_id {
+                                found = true;
+                                break;
+                            }
+                            k += 1;
+                            cur = x
+                                .parent_backup_id
+                                .as_ref()
+                                .and_then(|p| e.get_backup(p).ok())
+                                .and_then(|b| b.disks.into_iter().find(|y| y.disk_id == d.disk_id));
+                        }
+                        if !found {
+                            return Err(format!(
+                                "NOTCHAIN:{} is not an earlier point of the same chain as {} for disk {}",
+                                a_pt.backup.backup_id, d.backup_id, d.disk_id
+                            ));
+                        }
+                        let ranges = crate::export::changed_ranges(c, k).map_err(|e| e.to_string())?;
+                        only.push(Some(ranges));
+                        Ok(r)
+                    }
+                    _ => {
+                        only.push(None);
+                        Ok(r)
+                    }
+                })
             }
             Source::Http(h) => {
                 let body = serde_json::json!({ "backup_id": d.backup_id, "disk_id": d.disk_id });
                 match h.call::<RestoreView>("POST", "/api/v1/restores", &[], Some(&body)) {
                     Ok(v) => {
                         restores.push(v.restore_id.clone());
-                        Reader::connect(&v.nbd_uri, restore::CONNECTIONS).await
+                        match Reader::connect_with(&v.nbd_uri, restore::CONNECTIONS, since_ctx.as_deref()).await {
+                            Ok(r) => match &since_ctx {
+                                Some(ctx) if !r.has_context(ctx) => Err(format!(
+                                    "NOTCHAIN:{} is not an earlier point of the same chain as {} for disk {} \
+                                     (a full was taken between them): restore in full",
+                                    since.as_ref().map(|p| p.backup.backup_id.clone()).unwrap_or_default(),
+                                    d.backup_id,
+                                    d.disk_id
+                                )),
+                                Some(ctx) => match r.dirty_map(ctx).await {
+                                    Ok(m) => {
+                                        only.push(Some(m));
+                                        Ok(r)
+                                    }
+                                    Err(e) => Err(e),
+                                },
+                                None => {
+                                    only.push(None);
+                                    Ok(r)
+                                }
+                            },
+                            Err(e) => Err(e),
+                        }
                     }
                     Err(e) => Err(format!("{e:#}")),
                 }
@@ -193,8 +295,17 @@ async fn run_async(a: RestoreArgs) -> anyhow::Result<u8> {
                 for p in &created {
                     let _ = std::fs::remove_file(p);
                 }
-                return fail(exit::FAILED, m);
+                return match m.strip_prefix("NOTCHAIN:") {
+                    Some(m) => fail(exit::USAGE, m),
+                    None => fail(exit::FAILED, m),
+                };
             }
+        }
+    }
+    if let (Some(a_pt), true) = (&since, a.check) {
+        if let Err(m) = check_targets(&source, a_pt, &disks, &targets).await {
+            close(&source, &restores);
+            return fail(exit::USAGE, m);
         }
     }
 
@@ -211,18 +322,23 @@ async fn run_async(a: RestoreArgs) -> anyhow::Result<u8> {
     .map(|s| s.progress_chars("=> "))
     .unwrap_or_else(|_| ProgressStyle::default_bar());
     let mut set = tokio::task::JoinSet::new();
-    for ((d, r), t) in disks.iter().zip(readers).zip(targets) {
+    for (((d, r), t), only) in disks.iter().zip(readers).zip(targets).zip(only) {
         let bar = multi.add(ProgressBar::new(d.capacity_bytes));
         bar.set_style(style.clone());
         bar.set_prefix(format!("disk {}", d.disk_id));
         let (id, verify) = (d.disk_id, a.verify);
-        set.spawn(async move { restore::restore_disk(id, r, t, verify, bar).await });
+        set.spawn(async move { restore::restore_disk(id, r, t, verify, only, bar).await });
     }
     let mut results = Vec::new();
     while let Some(r) = set.join_next().await {
         results.push(r.context("a restore worker failed")?);
     }
     results.sort_by_key(|r| r.disk_id);
+    if let Some(p) = &since {
+        for r in &mut results {
+            r.since = Some(p.backup.backup_id.clone());
+        }
+    }
     close(&source, &restores);
     let report = RestoreReport {
         vm_name: a.vm.clone(),
@@ -385,4 +501,69 @@ pub fn run_restores(cmd: RestoresCmd) -> anyhow::Result<u8> {
             Ok(0)
         }
     }
+}
+
+/// `--check`: 32 samples of 64 KiB of each target must equal point `a_pt`.
+async fn check_targets(
+    source: &Source,
+    a_pt: &BackupView,
+    disks: &[DiskBackupRecord],
+    targets: &[Arc<Target>],
+) -> Result<(), String> {
+    for (d, t) in disks.iter().zip(targets) {
+        let Some(ad) = a_pt.disks.iter().find(|x| x.disk_id == d.disk_id) else {
+            return Err(format!(
+                "point {} has no disk {}",
+                a_pt.backup.backup_id, d.disk_id
+            ));
+        };
+        let mut restore_id = None;
+        let r = match source {
+            Source::Offline(e) => chainvault_qcow::Chain::open(
+                &e.data_dir().join(&ad.image),
+                &chainvault_qcow::ChainOptions {
+                    root: Some(e.data_dir().to_path_buf()),
+                    ..Default::default()
+                },
+            )
+            .map(|c| Reader::Local(Arc::new(c)))
+            .map_err(|e| e.to_string())?,
+            Source::Http(h) => {
+                let body = serde_json::json!({ "backup_id": ad.backup_id, "disk_id": ad.disk_id });
+                let v: RestoreView = h
+                    .call("POST", "/api/v1/restores", &[], Some(&body))
+                    .map_err(|e| format!("{e:#}"))?;
+                restore_id = Some(v.restore_id.clone());
+                Reader::connect(&v.nbd_uri, 1).await?
+            }
+        };
+        let size = r.size();
+        let block = (64u64 << 10).min(size);
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ size;
+        let mut bad = None;
+        for _ in 0..32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let off = (x % (size / block).max(1)) * block;
+            let (p, q) = (r.read(0, off, block).await?, t.read(off, block).await?);
+            if p != q {
+                bad = Some(off);
+                break;
+            }
+        }
+        if let (Source::Http(h), Some(id)) = (source, restore_id) {
+            let _ =
+                h.call::<serde_json::Value>("DELETE", &format!("/api/v1/restores/{id}"), &[], None);
+        }
+        if let Some(off) = bad {
+            return Err(format!(
+                "disk {}: {} does not hold point {} (it differs at byte {off}): restore in full, or give --since the point it holds",
+                d.disk_id,
+                t.name(),
+                a_pt.backup.backup_id
+            ));
+        }
+    }
+    Ok(())
 }

@@ -141,11 +141,37 @@ impl Engine {
         if req.writable {
             return self.open_instant(&d).await;
         }
+        // The earlier points of the same chain, nearest first: the export
+        // offers `qemu:dirty-bitmap:since-<id>` for each (what changed since).
+        let mut ancestors = Vec::new();
+        let mut cur = d.parent_backup_id.clone();
+        while let Some(p) = cur {
+            if ancestors.len() >= 10_000 {
+                break;
+            }
+            cur = self
+                .catalog
+                .disk(&p, d.disk_id)
+                .map_err(cat)?
+                .and_then(|x| x.parent_backup_id);
+            ancestors.push(p);
+        }
         let abs = self.abs(&d.image);
         let opts = self.chain_options(false);
-        let chain = tokio::task::spawn_blocking(move || Chain::open(&abs, &opts))
-            .await
-            .map_err(EngineError::internal)??;
+        let (chain, dirty) = tokio::task::spawn_blocking(move || -> EngineResult<_> {
+            let chain = Chain::open(&abs, &opts)?;
+            let mut dirty = Vec::new();
+            let mut acc: Vec<(u64, u64)> = Vec::new();
+            for (k, id) in ancestors.iter().enumerate() {
+                // Layer k is the point k levels above ancestor k.
+                let own = crate::export::changed_ranges_of_layer(&chain, k)?;
+                acc = super::space::union(&acc, &own);
+                dirty.push((format!("since-{id}"), acc.clone()));
+            }
+            Ok((chain, dirty))
+        })
+        .await
+        .map_err(EngineError::internal)??;
         let chain = Arc::new(chain);
         let size = chain.size();
         let restore_id = format!("r-{}", repo::random_hex(8));
@@ -156,7 +182,8 @@ impl Engine {
                 "{} disk {} at {} (read-only)",
                 d.vm_name, d.disk_id, d.backup_id
             ),
-        );
+        )
+        .with_dirty_bitmaps(dirty);
         self.server()?
             .add_export(name.clone(), Arc::new(export))
             .map_err(|e| EngineError::Internal(e.to_string()))?;

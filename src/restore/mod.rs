@@ -66,15 +66,26 @@ pub enum Reader {
 impl Reader {
     /// `conns` connections to the restore export at `uri`.
     pub async fn connect(uri: &str, conns: usize) -> Result<Reader, String> {
+        Reader::connect_with(uri, conns, None).await
+    }
+
+    /// The same, also asking for the metadata context `extra` (a dirty
+    /// bitmap) on the first connection.
+    pub async fn connect_with(
+        uri: &str,
+        conns: usize,
+        extra: Option<&str>,
+    ) -> Result<Reader, String> {
         let parsed: NbdUri = uri.parse().map_err(|e| format!("{uri}: {e}"))?;
         let mut v = Vec::new();
-        for _ in 0..conns.max(1) {
-            let c = Client::connect_uri(
-                &parsed,
-                ConnectOptions::with_contexts([CONTEXT_BASE_ALLOCATION]),
-            )
-            .await
-            .map_err(|e| format!("connecting to the restore export {uri}: {e}"))?;
+        for i in 0..conns.max(1) {
+            let mut ctx = vec![CONTEXT_BASE_ALLOCATION.to_string()];
+            if let (0, Some(x)) = (i, extra) {
+                ctx.push(x.to_string());
+            }
+            let c = Client::connect_uri(&parsed, ConnectOptions::with_contexts(ctx))
+                .await
+                .map_err(|e| format!("connecting to the restore export {uri}: {e}"))?;
             v.push(Arc::new(c));
         }
         Ok(Reader::Nbd(v))
@@ -85,6 +96,37 @@ impl Reader {
             Reader::Local(c) => c.size(),
             Reader::Nbd(c) => c[0].size(),
         }
+    }
+
+    /// Whether the export granted the metadata context `name`.
+    pub fn has_context(&self, name: &str) -> bool {
+        match self {
+            Reader::Local(_) => false,
+            Reader::Nbd(c) => c[0].info().has_context(name),
+        }
+    }
+
+    /// The dirty ranges of the context `name` (flag 1), merged.
+    pub async fn dirty_map(&self, name: &str) -> Result<Vec<(u64, u64)>, String> {
+        let Reader::Nbd(c) = self else {
+            return Err("a local chain has no NBD contexts".into());
+        };
+        let ext = c[0]
+            .extents(name, 0, c[0].size())
+            .await
+            .map_err(|e| format!("block status of {name}: {e}"))?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut off = 0;
+        for e in ext {
+            if e.flags & 1 != 0 {
+                match out.last_mut() {
+                    Some(l) if l.0 + l.1 == off => l.1 += e.length,
+                    _ => out.push((off, e.length)),
+                }
+            }
+            off += e.length;
+        }
+        Ok(out)
     }
 
     /// (offset, length, holds data) runs covering the disk.
@@ -122,7 +164,7 @@ impl Reader {
     }
 
     /// Read on connection `lane` (any number: it is taken modulo the connections).
-    async fn read(&self, lane: usize, off: u64, len: u64) -> Result<Vec<u8>, String> {
+    pub async fn read(&self, lane: usize, off: u64, len: u64) -> Result<Vec<u8>, String> {
         match self {
             Reader::Local(c) => {
                 let c = Arc::clone(c);
@@ -156,6 +198,12 @@ pub struct DiskResult {
     /// already reads zeroes there.
     pub skipped: u64,
     pub verified: bool,
+    /// With --since: the point the target held, and the bytes that changed
+    /// since (all that was sent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changed_bytes: Option<u64>,
     pub seconds: f64,
     pub status: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -216,6 +264,7 @@ pub async fn restore_disk(
     r: Arc<Reader>,
     t: Arc<Target>,
     verify: bool,
+    only: Option<Vec<(u64, u64)>>,
     bar: ProgressBar,
 ) -> DiskResult {
     let start = std::time::Instant::now();
@@ -224,11 +273,17 @@ pub async fn restore_disk(
         disk_id,
         target: t.name(),
         size,
+        changed_bytes: only.as_ref().map(|o| o.iter().map(|r| r.1).sum()),
         ..Default::default()
     };
     let c = Arc::new(Counters::default());
     let out = async {
-        let map = r.map().await?;
+        // A rollback (--since) copies only the changed ranges, as data: the
+        // target holds the earlier point, so every byte of them is written.
+        let map = match &only {
+            Some(ranges) => ranges.iter().map(|&(o, l)| (o, l, true)).collect(),
+            None => r.map().await?,
+        };
         let mut pieces = Vec::new();
         for (off, len, data) in map {
             let mut p = off;
@@ -242,7 +297,10 @@ pub async fn restore_disk(
                 p += n;
             }
         }
-        bar.set_length(size);
+        bar.set_length(match &only {
+            Some(o) => o.iter().map(|r| r.1).sum(),
+            None => size,
+        });
         let pieces = Arc::new(pieces);
         let next = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -374,8 +432,14 @@ impl RestoreReport {
             self.vm_name, self.backup_id, self.created_at
         );
         for d in &self.disks {
+            let since = match (&d.since, d.changed_bytes) {
+                (Some(a), Some(c)) => {
+                    format!(" (rolled forward from {a}: {} changed since)", human(c))
+                }
+                _ => String::new(),
+            };
             s.push_str(&format!(
-                "disk {} -> {}: {}, {} of {} written, {} zeroed, {} left as holes, {:.1} s{}{}\n",
+                "disk {} -> {}: {}{since}, {} of {} written, {} zeroed, {} left as holes, {:.1} s{}{}\n",
                 d.disk_id,
                 d.target,
                 d.status,
