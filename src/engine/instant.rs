@@ -78,6 +78,9 @@ impl Engine {
     /// Open a writable instant restore of one disk of a point.
     pub(super) async fn open_instant(&self, d: &DiskBackupRecord) -> EngineResult<RestoreView> {
         let server = self.server()?;
+        // Under the engine lock: a gc (which takes it) never sees the
+        // overlay before its record exists.
+        let _op = self.op.lock().await;
         let restore_id = format!("r-{}", repo::random_hex(8));
         let name = format!("instant-{}", repo::random_hex(16));
         let dir = instant_dir(&self.data);

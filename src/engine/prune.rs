@@ -336,13 +336,21 @@ impl Engine {
             for (_, mut pts) in per_disk {
                 pts.sort_by(|a, b| b.backup_id.cmp(&a.backup_id));
                 let mut shadow: Option<Vec<(u64, u64)>> = None;
+                // The parent of the point visited last: a shadow only
+                // covers the chain it belongs to (a full starts another).
+                let mut expect: Option<String> = None;
                 for (i, p) in pts.iter().enumerate() {
+                    if expect.as_deref() != Some(p.backup_id.as_str()) {
+                        shadow = None;
+                    }
+                    expect = p.parent_backup_id.clone();
                     let is_removed = removed.contains(p.backup_id.as_str());
                     if !is_removed {
-                        // Only needed when the point below it is removed.
-                        let below_removed = pts
-                            .get(i + 1)
-                            .is_some_and(|n| removed.contains(n.backup_id.as_str()));
+                        // Only needed when its parent is removed.
+                        let below_removed = pts.get(i + 1).is_some_and(|n| {
+                            removed.contains(n.backup_id.as_str())
+                                && p.parent_backup_id.as_deref() == Some(n.backup_id.as_str())
+                        });
                         shadow = below_removed.then(|| own_ranges(&self.abs(&p.image)));
                         continue;
                     }

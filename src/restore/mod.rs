@@ -278,6 +278,7 @@ pub async fn restore_disk(
     };
     let c = Arc::new(Counters::default());
     let out = async {
+        t.prepare()?;
         // A rollback (--since) copies only the changed ranges, as data: the
         // target holds the earlier point, so every byte of them is written.
         let map = match &only {

@@ -31,6 +31,9 @@ pub enum Target {
         /// One write at a time: concurrent writes to one file only contend
         /// for its inode lock (measured: 16% of the CPU spinning on it).
         serial: Arc<std::sync::Mutex<()>>,
+        /// An existing regular file is sized to the disk in `prepare`, once
+        /// every target has opened.
+        resize: Option<u64>,
     },
     /// A new standalone qcow2 image.
     Qcow2 { image: Arc<Image>, path: PathBuf },
@@ -160,6 +163,7 @@ impl Target {
                     fresh: false,
                     device: true,
                     serial: Default::default(),
+                    resize: None,
                 })
             }
             Ok(m) if m.is_file() => {
@@ -179,14 +183,13 @@ impl Target {
                     .write(true)
                     .open(&path)
                     .map_err(|e| bad(format!("cannot open {spec} for writing: {e}")))?;
-                file.set_len(size)
-                    .map_err(|e| bad(format!("cannot size {spec} to {size} bytes: {e}")))?;
                 Ok(Target::File {
                     file: Arc::new(file),
                     path,
                     fresh: false,
                     device: false,
                     serial: Default::default(),
+                    resize: Some(size),
                 })
             }
             Ok(_) => Err(bad(format!("{spec} is neither a file nor a block device"))),
@@ -215,6 +218,7 @@ impl Target {
                             fresh: true,
                             device: false,
                             serial: Default::default(),
+                            resize: None,
                         })
                     }
                     Format::Qcow2 => {
@@ -246,6 +250,22 @@ impl Target {
             }
             Err(e) => Err(bad(format!("{spec}: {e}"))),
         }
+    }
+
+    /// Changes made before the first write: an existing file takes the
+    /// disk's size.
+    pub fn prepare(&self) -> Result<(), String> {
+        if let Target::File {
+            file,
+            path,
+            resize: Some(n),
+            ..
+        } = self
+        {
+            file.set_len(*n)
+                .map_err(|e| format!("cannot size {} to {n} bytes: {e}", path.display()))?;
+        }
+        Ok(())
     }
 
     pub fn name(&self) -> String {
