@@ -946,3 +946,70 @@ fn prune_leaves_running_backups_alone_and_works_offline() {
     assert_eq!(l.as_array().map(|a| a.len()), Some(0), "{}", pretty(&l));
     verify_offline(&data);
 }
+
+#[test]
+fn a_scheduled_policy_prunes_on_its_schedule_and_not_after_backups() {
+    tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("data"));
+    let v = cli_json(&[
+        "policy",
+        "set",
+        "--vm",
+        "sched",
+        "--keep-last",
+        "1",
+        "--schedule",
+        "every 10s",
+        "--server",
+        &d.api,
+        "--json",
+    ]);
+    assert_eq!(v["policy"]["prune"], "schedule", "{}", pretty(&v));
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let r = if i == 0 {
+            d.start_backup(&start_body(
+                "sched",
+                "full",
+                Some(json!([disk_spec(0, MIB)])),
+            ))
+        } else {
+            d.start_backup(&start_body("sched", "incremental", None))
+        };
+        let id = s(&r["backup_id"]);
+        d.complete(&id, 0, &format!("c{i}"), 0);
+        ids.push(id);
+    }
+    // Not after the backups: all three are there a moment later.
+    std::thread::sleep(Duration::from_millis(1500));
+    let n = d.list("vm_name=sched").len();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    if n == 3 {
+        // Then, within one period (10 s, aligned to the clock), the schedule fires.
+        loop {
+            if d.list("vm_name=sched").len() == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the schedule never pruned\n{}",
+                d.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    } else {
+        // The schedule may have fired in the 1.5 s already; it must have kept only the newest.
+        assert_eq!(
+            n, 1,
+            "a schedule prunes to keep-last 1, not after each backup"
+        );
+    }
+    let left: Vec<String> = d
+        .list("vm_name=sched")
+        .iter()
+        .map(|b| s(&b["backup_id"]))
+        .collect();
+    assert_eq!(left, vec![ids[2].clone()]);
+    d.stop();
+}
