@@ -96,6 +96,60 @@ start_server() {
     die "$name did not start serving on $sock within 30 s"
 }
 
+# serve_chainvault CV DIR: start `CV serve` on repository DIR (API on a free
+# loopback port, NBD on the unix socket DIR.sock), output in DIR.out/DIR.err,
+# and wait for its ready line, polling every 5 ms (scale.sh times the start).
+# Sets API and SERVE_PID; stop it with stop_server "$SERVE_PID".
+serve_chainvault() {
+    rm -f "$2.out"
+    "$1" serve --data "$2" --listen 127.0.0.1:0 --nbd-socket "$2.sock" >"$2.out" 2>"$2.err" &
+    SERVE_PID=$!
+    SERVER_PIDS+=("$SERVE_PID")
+    API=""
+    local i
+    for ((i = 0; i < 6000; i++)); do
+        API=$(sed -nE 's/^ready api=([^ ]+) .*/\1/p' "$2.out" 2>/dev/null || true)
+        [[ -n $API ]] && return 0
+        kill -0 "$SERVE_PID" 2>/dev/null || { cat "$2.err" >&2; die "chainvault serve exited"; }
+        sleep 0.005
+    done
+    die "no ready line from chainvault serve on $2"
+}
+
+# backup_chain CV WORK BYTES PERMILLE: a BYTES qcow2 of random data,
+# WORK/src.qcow2, backed up four times with `CV backup --rotate` into a daemon
+# on WORK/repo (VM m, disk 0): a full, then three incrementals, each after
+# qemu-io rewrote PERMILLE/1000 of its 64 KiB blocks with patterns (seeded).
+# The daemon is left running (API, SERVE_PID). Needs $PY.
+backup_chain() {
+    local cv=$1 work=$2 bytes=$3 permille=$4 i
+    log "source: $(numfmt --to=iec "$bytes") qcow2 of random data; 3 incrementals of $permille/1000 of its 64 KiB blocks each"
+    head -c "$bytes" /dev/urandom >"$work/src.raw"
+    qemu-img convert -q -f raw -O qcow2 "$work/src.raw" "$work/src.qcow2"
+    rm -f "$work/src.raw"
+    serve_chainvault "$cv" "$work/repo"
+    "$cv" backup --server "$API" --vm m --disk "$work/src.qcow2" --rotate --no-progress >/dev/null
+    for i in 1 2 3; do
+        "$PY" - "$((bytes / 65536))" "$permille" "$i" >"$work/writes.qemu-io" <<'PY'
+import random, sys
+n, permille, seed = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+rng = random.Random(seed)
+for b in rng.sample(range(n), max(1, n * permille // 1000)):
+    print(f"write -P {rng.randrange(1, 256)} {b * 65536} 64k")
+PY
+        qemu-io -f qcow2 "$work/src.qcow2" <"$work/writes.qemu-io" >/dev/null
+        "$cv" backup --server "$API" --vm m --disk "$work/src.qcow2" --rotate --no-progress >/dev/null
+    done
+}
+
+# timed RESULTS WORK WHO CMD...: run CMD (stdout discarded) and append
+# "WORK<TAB>WHO<TAB>milliseconds" to RESULTS.
+timed_to() {
+    local out=$1 t0 t1; shift
+    t0=$(now_ns); "${@:3}" >/dev/null; t1=$(now_ns)
+    echo -e "$1\t$2\t$(( (t1 - t0) / 1000000 ))" >>"$out"
+}
+
 # peak_rss_kib PID: VmHWM (peak resident set) in KiB.
 peak_rss_kib() {
     awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0

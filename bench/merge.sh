@@ -54,42 +54,10 @@ results=$work/results.tsv
 log "chainvault: $cv"
 log "scratch: $work; machine: $(machine_note)"
 
-# serve DIR: start chainvault serve on DIR; sets API and SERVE_PID.
-serve() {
-    rm -f "$1.out"
-    "$cv" serve --data "$1" --listen 127.0.0.1:0 --nbd-socket "$1.sock" >"$1.out" 2>"$1.err" &
-    SERVE_PID=$!
-    SERVER_PIDS+=("$SERVE_PID")
-    API=""
-    local i
-    for ((i = 0; i < 600; i++)); do
-        API=$(sed -nE 's/^ready api=([^ ]+) .*/\1/p' "$1.out" 2>/dev/null || true)
-        [[ -n $API ]] && return 0
-        kill -0 "$SERVE_PID" 2>/dev/null || { cat "$1.err" >&2; die "chainvault serve exited"; }
-        sleep 0.05
-    done
-    die "no ready line from chainvault serve on $1"
-}
+serve() { serve_chainvault "$cv" "$1"; }
 
 # --- the chain ---------------------------------------------------------------
-log "source: $size qcow2 of random data; 3 incrementals of $permille/1000 of its 64 KiB blocks each"
-head -c "$bytes" /dev/urandom >"$work/src.raw"
-qemu-img convert -q -f raw -O qcow2 "$work/src.raw" "$work/src.qcow2"
-rm -f "$work/src.raw"
-serve "$work/repo"
-"$cv" backup --server "$API" --vm m --disk "$work/src.qcow2" --rotate --no-progress >/dev/null
-nblocks=$((bytes / 65536))
-for i in 1 2 3; do
-    "$PY" - "$nblocks" "$permille" "$i" >"$work/writes.qemu-io" <<'PY'
-import random, sys
-n, permille, seed = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-rng = random.Random(seed)
-for b in rng.sample(range(n), max(1, n * permille // 1000)):
-    print(f"write -P {rng.randrange(1, 256)} {b * 65536} 64k")
-PY
-    qemu-io -f qcow2 "$work/src.qcow2" <"$work/writes.qemu-io" >/dev/null
-    "$cv" backup --server "$API" --vm m --disk "$work/src.qcow2" --rotate --no-progress >/dev/null
-done
+backup_chain "$cv" "$work" "$bytes" "$permille"
 stop_server "$SERVE_PID"
 mapfile -t pts < <(ls "$work/repo/vms/m/disk0/" | sed -n 's/\.qcow2$//p' | sort)
 ((${#pts[@]} == 4)) || die "expected 4 points, found ${#pts[@]}: ${pts[*]}"
@@ -104,10 +72,7 @@ done
 
 fresh_repo() { rm -rf "$work/r"; cp -a --sparse=always "$work/repo" "$work/r"; sync; }
 fresh_peer() { rm -rf "$work/p"; mkdir -p "$work/p"; cp --sparse=always "$ddir"/*.qcow2 "$work/p/"; sync; }
-timed() { # timed WORK WHO CMD...
-    local t0 t1; t0=$(now_ns); "${@:3}" >/dev/null; t1=$(now_ns)
-    echo -e "$1\t$2\t$(( (t1 - t0) / 1000000 ))" >>"$results"
-}
+timed() { timed_to "$results" "$@"; }
 same() { qemu-img compare -q "$1" "$2" || die "$3: the result does not read as the original point"; }
 
 for ((r = 1; r <= runs; r++)); do

@@ -46,21 +46,10 @@ results=$work/results.tsv
 log "chainvault: $cv"
 log "scratch: $work; machine: $(machine_note)"
 
-# serve DIR: start chainvault serve on DIR and wait for its ready line; sets
-# API, SERVE_PID and START_MS (ms from spawn to the ready line).
+# serve DIR: serve_chainvault, and START_MS (ms from spawn to the ready line).
 serve() {
-    rm -f "$1.out"
     local t0; t0=$(now_ns)
-    "$cv" serve --data "$1" --listen 127.0.0.1:0 --nbd-socket "$1.sock" >"$1.out" 2>"$1.err" &
-    SERVE_PID=$!
-    SERVER_PIDS+=("$SERVE_PID")
-    API=""
-    while :; do
-        API=$(sed -nE 's/^ready api=([^ ]+) .*/\1/p' "$1.out" 2>/dev/null || true)
-        [[ -n $API ]] && break
-        kill -0 "$SERVE_PID" 2>/dev/null || { cat "$1.err" >&2; die "chainvault serve exited"; }
-        sleep 0.005
-    done
+    serve_chainvault "$cv" "$1"
     START_MS=$(( ($(now_ns) - t0) / 1000000 ))
 }
 

@@ -13,8 +13,10 @@
 //! * Bad input: bad policies and prune requests, and imports that must be
 //!   refused with nothing changed.
 
+mod client_common;
 mod common;
 
+use client_common::compare_qcow2;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,29 +25,6 @@ const SIZE: u64 = 4 * MIB;
 
 fn qemu_img(args: &[&str]) {
     run_ok(cmd("qemu-img", args));
-}
-
-fn compare_qcow(what: &str, a: &Path, b: &Path) {
-    let out = run(cmd(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "qcow2",
-            a.to_str().unwrap(),
-            b.to_str().unwrap(),
-        ],
-    ));
-    assert!(
-        out.status.success(),
-        "{what}: qemu-img compare {} {}: {}{}",
-        a.display(),
-        b.display(),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
 }
 
 /// A qemu-img chain of `n` images: a full of pattern data, then overlays
@@ -269,7 +248,7 @@ fn a_year_of_backups_is_pruned_exactly_as_proxmox_does() {
     assert_eq!(d.change_id("year", 0), "cid-100");
     // Imported as a chain: qemu-img sees every point reading its original.
     for (i, id) in ids.iter().enumerate().step_by(33) {
-        compare_qcow(
+        compare_qcow2(
             &format!("imported point {i}"),
             &d.image_of(id, 0),
             &images[i],
@@ -371,7 +350,7 @@ fn a_year_of_backups_is_pruned_exactly_as_proxmox_does() {
     for id in &kept {
         let i = ids.iter().position(|x| x == id).unwrap();
         let img = d.image_of(id, 0);
-        compare_qcow(&format!("kept point {i} ({id})"), &img, &images[i]);
+        compare_qcow2(&format!("kept point {i} ({id})"), &img, &images[i]);
         check(&format!("kept point {i}"), &img);
     }
     assert_eq!(d.change_id("year", 0), "cid-100");
@@ -829,7 +808,7 @@ fn bad_policies_prunes_and_imports_are_refused_and_change_nothing() {
         &d.image_of(&id, 0),
         &[&d.image_of(&id, 0), &head_img, &base_img],
     );
-    compare_qcow("imported overlay", &d.image_of(&id, 0), &ok_copy);
+    compare_qcow2("imported overlay", &d.image_of(&id, 0), &ok_copy);
     d.stop();
 }
 

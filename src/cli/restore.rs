@@ -210,17 +210,8 @@ async fn run_async(a: RestoreArgs) -> anyhow::Result<u8> {
         .map(|p| format!("qemu:dirty-bitmap:since-{}", p.backup.backup_id));
     for d in &disks {
         let r = match &source {
-            Source::Offline(e) => {
-                let img = e.data_dir().join(&d.image);
-                chainvault_qcow::Chain::open(
-                    &img,
-                    &chainvault_qcow::ChainOptions {
-                        root: Some(e.data_dir().to_path_buf()),
-                        ..Default::default()
-                    },
-                )
-                .map(|c| Reader::Local(Arc::new(c)))
-                .map_err(|e| format!("opening disk {} of backup {}: {e}", d.disk_id, d.backup_id))
+            Source::Offline(e) => Reader::local(e.data_dir(), &d.image)
+                .map_err(|m| format!("disk {} of backup {}: {m}", d.disk_id, d.backup_id))
                 .and_then(|r| match (&since, &r) {
                     (Some(a_pt), Reader::Local(c)) => {
                         // How many layers above the earlier point this one is.
@@ -253,8 +244,7 @@ async fn run_async(a: RestoreArgs) -> anyhow::Result<u8> {
                         only.push(None);
                         Ok(r)
                     }
-                })
-            }
+                }),
             Source::Http(h) => {
                 let body = serde_json::json!({ "backup_id": d.backup_id, "disk_id": d.disk_id });
                 match h.call::<RestoreView>("POST", "/api/v1/restores", &[], Some(&body)) {
@@ -519,15 +509,7 @@ async fn check_targets(
         };
         let mut restore_id = None;
         let r = match source {
-            Source::Offline(e) => chainvault_qcow::Chain::open(
-                &e.data_dir().join(&ad.image),
-                &chainvault_qcow::ChainOptions {
-                    root: Some(e.data_dir().to_path_buf()),
-                    ..Default::default()
-                },
-            )
-            .map(|c| Reader::Local(Arc::new(c)))
-            .map_err(|e| e.to_string())?,
+            Source::Offline(e) => Reader::local(e.data_dir(), &ad.image)?,
             Source::Http(h) => {
                 let body = serde_json::json!({ "backup_id": ad.backup_id, "disk_id": ad.disk_id });
                 let v: RestoreView = h

@@ -9,13 +9,15 @@
 //! incremental then builds on a chain of one.
 //!
 //! Steps: the full is written under a hidden name beside the head, flushed,
-//! fsynced and checked; it is renamed over the head's file (one atomic step:
-//! readers holding the old file keep reading it, new opens see the full); one
-//! catalog transaction then gives the point no parent and a new chain id, and
-//! the sidecar follows. A crash before the rename leaves a temporary file
-//! (`chainvault gc` removes it); a crash after it leaves a head whose file
-//! has no backing file while the catalog still names a parent, which start-up
-//! recovery completes ([`Engine::finish_flattens`]).
+//! fsynced and checked; a marker `journal/<id>-disk<N>.flatten` is written;
+//! the full is renamed over the head's file (one atomic step: readers holding
+//! the old file keep reading it, new opens see the full); one catalog
+//! transaction then gives the point no parent and a new chain id, the sidecar
+//! follows and the marker goes. A crash before the rename leaves a temporary
+//! file (`chainvault gc` removes it); a crash after it leaves a head whose
+//! file has no backing file while the catalog still names a parent, which
+//! start-up recovery completes from the marker ([`Engine::finish_flattens`]):
+//! start-up reads no image header unless a marker names it.
 
 use std::sync::Arc;
 
@@ -26,6 +28,12 @@ use tracing::{info, warn};
 use super::{cat, lock, repo, Engine, EngineError, EngineResult};
 use crate::catalog::Change;
 use crate::model::*;
+
+/// `journal/<backup_id>-disk<N>.flatten`: written just before the rename,
+/// removed after the catalog transaction; start-up looks only at these.
+fn marker(data: &std::path::Path, backup_id: &str, disk_id: u32) -> std::path::PathBuf {
+    super::lifecycle::journal_dir(data).join(format!("{backup_id}-disk{disk_id}.flatten"))
+}
 
 /// Copy every byte `chain` reads into the empty image `dst`.
 pub(super) fn flatten_into(chain: &Chain, dst: &Image) -> chainvault_qcow::Result<()> {
@@ -143,6 +151,7 @@ impl Engine {
         let img = self.abs(&head.image);
         let tmp = img.with_file_name(format!(".flatten-{}.qcow2.tmp", head.backup_id));
         let chain_opts = self.chain_options(false);
+        let mark = marker(&self.data, &head.backup_id, head.disk_id);
         tokio::task::spawn_blocking(move || -> EngineResult<()> {
             let _ = std::fs::remove_file(&tmp);
             let chain = Arc::new(Chain::open(&img, &chain_opts)?);
@@ -167,6 +176,10 @@ impl Engine {
                         img.display()
                     )));
                 }
+                if let Some(dir) = mark.parent() {
+                    std::fs::create_dir_all(dir).map_err(EngineError::internal)?;
+                }
+                repo::write_atomic(&mark, b"{}").map_err(EngineError::internal)?;
                 super::crash_point("depth:before-rename");
                 std::fs::rename(&tmp, &img).map_err(EngineError::internal)?;
                 if let Some(dir) = img.parent() {
@@ -183,6 +196,20 @@ impl Engine {
         .map_err(EngineError::internal)?
     }
 
+    /// Remove the marker of a finished rewrite.
+    fn clear_marker(&self, backup_id: &str, disk_id: u32) {
+        let m = marker(&self.data, backup_id, disk_id);
+        match std::fs::remove_file(&m) {
+            Ok(()) => {
+                if let Some(d) = m.parent() {
+                    let _ = repo::sync_dir(d);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => warn!(path = %m.display(), error = %e, "cannot remove a depth-limit marker"),
+        }
+    }
+
     /// The catalog side of a flatten: the point has no parent and starts
     /// `chain_id`; points built on it meanwhile follow.
     async fn finish_flatten(
@@ -194,7 +221,9 @@ impl Engine {
     ) -> EngineResult<()> {
         super::crash_point("depth:after-rename");
         let _op = self.op.lock().await;
-        self.flatten_catalog(backup_id, disk_id, chain_id, Some(max))
+        self.flatten_catalog(backup_id, disk_id, chain_id, Some(max))?;
+        self.clear_marker(backup_id, disk_id);
+        Ok(())
     }
 
     fn flatten_catalog(
@@ -236,24 +265,45 @@ impl Engine {
         Ok(())
     }
 
-    /// Start-up: a completed point whose file has no backing file while the
-    /// catalog names a parent was rewritten as a full just before a stop.
+    /// Start-up: each marker names a rewrite a stop cut off. Its point's
+    /// file with no backing file while the catalog still names a parent was
+    /// renamed: the catalog's side is finished. Otherwise the rename never
+    /// happened and the marker simply goes (the temporary file is for gc).
     pub(super) fn finish_flattens(&self) -> EngineResult<()> {
-        for d in self.catalog.all_disks().map_err(cat)? {
-            if d.status != Status::Completed || d.parent_backup_id.is_none() {
+        let Ok(rd) = std::fs::read_dir(super::lifecycle::journal_dir(&self.data)) else {
+            return Ok(());
+        };
+        let mut marks: Vec<std::path::PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "flatten"))
+            .collect();
+        marks.sort();
+        for m in marks {
+            let stem = m
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let Some((backup_id, disk_id)) = stem
+                .rsplit_once("-disk")
+                .and_then(|(b, n)| n.parse::<u32>().ok().map(|n| (b.to_string(), n)))
+            else {
+                warn!(path = %m.display(), "a depth-limit marker with an unreadable name: ignored");
                 continue;
-            }
-            let abs = self.abs(&d.image);
-            if !abs.exists() {
-                continue;
-            }
-            if let Ok(h) = chainvault_qcow::chain::read_header(&abs) {
-                if h.backing_file.is_none() {
+            };
+            if let Some(d) = self.catalog.disk(&backup_id, disk_id).map_err(cat)? {
+                let abs = self.abs(&d.image);
+                let renamed = d.status == Status::Completed
+                    && d.parent_backup_id.is_some()
+                    && chainvault_qcow::chain::read_header(&abs)
+                        .is_ok_and(|h| h.backing_file.is_none());
+                if renamed {
                     warn!(backup = %d.backup_id, disk = d.disk_id, "finishing a depth-limit rewrite a stop interrupted");
                     let chain_id = format!("c-{}", repo::random_hex(6));
                     self.flatten_catalog(&d.backup_id, d.disk_id, &chain_id, None)?;
                 }
             }
+            self.clear_marker(&backup_id, disk_id);
         }
         Ok(())
     }

@@ -74,16 +74,9 @@ impl Rule {
 }
 
 impl KeepOptions {
+    /// The count of `r` (0 when off).
     pub fn get(&self, r: Rule) -> u32 {
-        match r {
-            Rule::KeepLast => self.keep_last,
-            Rule::KeepHourly => self.keep_hourly,
-            Rule::KeepDaily => self.keep_daily,
-            Rule::KeepWeekly => self.keep_weekly,
-            Rule::KeepMonthly => self.keep_monthly,
-            Rule::KeepYearly => self.keep_yearly,
-        }
-        .unwrap_or(0)
+        self.get_opt(r).unwrap_or(0)
     }
 
     pub fn set(&mut self, r: Rule, n: Option<u32>) {

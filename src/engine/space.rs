@@ -11,6 +11,7 @@
 //! | `vms/<vm>/disk<N>/<id>.json` | the same record (it is that image's sidecar) |
 //! | `journal/<id>-disk<N>.json` | itself: a removal to finish (never an orphan) |
 //! | `journal/<id>-disk<N>.header` | its journal |
+//! | `journal/<id>-disk<N>.flatten` | itself: a depth-limit rewrite to finish |
 //! | `instant/<restore_id>.json` | itself: an open instant restore |
 //! | `instant/<restore_id>-disk<N>.qcow2` | that record (its scratch overlay) |
 //! | `catalog/`, the NBD socket, anything outside `vms/` and `journal/` | not ours to judge |
@@ -212,6 +213,31 @@ fn statvfs(p: &Path) -> (u64, u64) {
 }
 
 impl Engine {
+    /// Every file under `dir` (sorted) that `why` gives a reason for, as an orphan.
+    fn scan(
+        &self,
+        dir: &Path,
+        out: &mut Vec<Orphan>,
+        why: impl Fn(&Path, &str) -> Option<&'static str>,
+    ) {
+        let mut files = Vec::new();
+        walk(dir, &mut files, &mut Vec::new());
+        files.sort();
+        for f in files {
+            let name = f
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let Some(reason) = why(&f, &name) {
+                out.push(Orphan {
+                    path: rel(&self.data, &f),
+                    bytes: allocated(&f),
+                    reason: reason.into(),
+                });
+            }
+        }
+    }
+
     /// The orphans of the repository (see the module docs).
     pub fn orphans(&self) -> EngineResult<Vec<Orphan>> {
         let known: HashSet<PathBuf> = self
@@ -221,93 +247,51 @@ impl Engine {
             .iter()
             .map(|d| self.abs(&d.image))
             .collect();
+        let named: HashSet<PathBuf> = super::instant::records(&self.data)
+            .into_iter()
+            .map(|r| self.data.join(r.overlay))
+            .collect();
         let mut out = Vec::new();
-        let (mut files, mut dirs) = (Vec::new(), Vec::new());
-        walk(&self.data.join("vms"), &mut files, &mut dirs);
-        files.sort();
-        for f in files {
-            let name = f
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let reason = if name.starts_with('.') {
-                Some("temporary file of an interrupted write, copy or import".to_string())
+        self.scan(&self.data.join("vms"), &mut out, |f, name| {
+            if name.starts_with('.') {
+                Some("temporary file of an interrupted write, copy or import")
             } else if name.ends_with(".qcow2") {
-                (!known.contains(&f)).then(|| "image without a catalog record".to_string())
+                (!known.contains(f)).then_some("image without a catalog record")
             } else if name.ends_with(".json") {
                 (!known.contains(&f.with_extension("qcow2")))
-                    .then(|| "sidecar of an image without a catalog record".to_string())
+                    .then_some("sidecar of an image without a catalog record")
             } else {
-                Some("not a file chainvault writes here".to_string())
-            };
-            if let Some(reason) = reason {
-                out.push(Orphan {
-                    path: rel(&self.data, &f),
-                    bytes: allocated(&f),
-                    reason,
-                });
+                Some("not a file chainvault writes here")
             }
-        }
-        let jdir = self.data.join("journal");
-        let mut jfiles = Vec::new();
-        walk(&jdir, &mut jfiles, &mut Vec::new());
-        jfiles.sort();
-        for f in jfiles {
-            let name = f
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let reason = if name.starts_with('.') {
+        });
+        self.scan(&self.data.join("journal"), &mut out, |f, name| {
+            if name.starts_with('.') {
                 Some("temporary file of an interrupted journal write")
-            } else if name.ends_with(".json") {
+            } else if name.ends_with(".json") || name.ends_with(".flatten") {
+                // A removal or a depth-limit rewrite to finish: never an orphan.
                 None
             } else if name.ends_with(".header") {
                 (!f.with_extension("json").exists()).then_some("saved header whose journal is gone")
             } else {
                 Some("not a file chainvault writes here")
-            };
-            if let Some(reason) = reason {
-                out.push(Orphan {
-                    path: rel(&self.data, &f),
-                    bytes: allocated(&f),
-                    reason: reason.into(),
-                });
             }
-        }
+        });
         // Instant restores: overlays their records name.
-        let named: HashSet<PathBuf> = super::instant::records(&self.data)
-            .into_iter()
-            .map(|r| self.data.join(r.overlay))
-            .collect();
-        let mut ifiles = Vec::new();
-        walk(
+        self.scan(
             &super::instant::instant_dir(&self.data),
-            &mut ifiles,
-            &mut Vec::new(),
+            &mut out,
+            |f, name| {
+                if name.starts_with('.') {
+                    Some("temporary file of an interrupted write")
+                } else if name.ends_with(".json") {
+                    None
+                } else if name.ends_with(".qcow2") {
+                    (!named.contains(f)).then_some("instant-restore overlay without its record")
+                } else {
+                    Some("not a file chainvault writes here")
+                }
+            },
         );
-        ifiles.sort();
-        for f in ifiles {
-            let name = f
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let reason = if name.starts_with('.') {
-                Some("temporary file of an interrupted write")
-            } else if name.ends_with(".json") {
-                None
-            } else if name.ends_with(".qcow2") {
-                (!named.contains(&f)).then_some("instant-restore overlay without its record")
-            } else {
-                Some("not a file chainvault writes here")
-            };
-            if let Some(reason) = reason {
-                out.push(Orphan {
-                    path: rel(&self.data, &f),
-                    bytes: allocated(&f),
-                    reason: reason.into(),
-                });
-            }
-        }
         Ok(out)
     }
 

@@ -64,6 +64,19 @@ pub enum Reader {
 }
 
 impl Reader {
+    /// The chain of `image` (relative to the repository `data`), opened here.
+    pub fn local(data: &std::path::Path, image: &str) -> Result<Reader, String> {
+        Chain::open(
+            &data.join(image),
+            &chainvault_qcow::ChainOptions {
+                root: Some(data.to_path_buf()),
+                ..Default::default()
+            },
+        )
+        .map(|c| Reader::Local(Arc::new(c)))
+        .map_err(|e| format!("opening {image}: {e}"))
+    }
+
     /// `conns` connections to the restore export at `uri`.
     pub async fn connect(uri: &str, conns: usize) -> Result<Reader, String> {
         Reader::connect_with(uri, conns, None).await
