@@ -970,6 +970,23 @@ impl Client {
         length: u64,
         payload: Option<&[u8]>,
     ) -> Result<RawReply, ClientError> {
+        self.raw_request_into(command, flags, offset, length, payload, Vec::new())
+            .await
+    }
+
+    /// [`Client::raw_request`] with the buffer a read's data lands in: one of
+    /// exactly `length` bytes is used as it is (the reply fills all of it,
+    /// holes included), so a caller that reuses buffers pays no allocation
+    /// and no clearing per read.
+    async fn raw_request_into(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: Option<&[u8]>,
+        data: Vec<u8>,
+    ) -> Result<RawReply, ClientError> {
         let cookie = self.inner.next_cookie.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -983,7 +1000,10 @@ impl Client {
                     command,
                     offset,
                     len: length,
-                    reply: RawReply::default(),
+                    reply: RawReply {
+                        data,
+                        ..RawReply::default()
+                    },
                     tx,
                 },
             );
@@ -996,19 +1016,17 @@ impl Client {
             length,
         };
         let sent = async {
-            let mut w = self.inner.writer.lock().await;
-            match self.inner.info.mode {
-                HeaderMode::Extended => w.write_all(&h.encode_extended()).await?,
-                _ => {
-                    let b = h.encode_compact().ok_or_else(|| {
+            let head = match self.inner.info.mode {
+                HeaderMode::Extended => h.encode_extended().to_vec(),
+                _ => h
+                    .encode_compact()
+                    .ok_or_else(|| {
                         io::Error::new(io::ErrorKind::InvalidInput, "length needs extended headers")
-                    })?;
-                    w.write_all(&b).await?
-                }
-            }
-            if let Some(p) = payload {
-                w.write_all(p).await?;
-            }
+                    })?
+                    .to_vec(),
+            };
+            let mut w = self.inner.writer.lock().await;
+            write_all_two(&mut w, &head, payload.unwrap_or_default()).await?;
             w.flush().await
         }
         .await;
@@ -1030,12 +1048,25 @@ impl Client {
         length: u64,
         payload: Option<&[u8]>,
     ) -> Result<RawReply, ClientError> {
+        self.request_into(command, flags, offset, length, payload, Vec::new())
+            .await
+    }
+
+    async fn request_into(
+        &self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: Option<&[u8]>,
+        data: Vec<u8>,
+    ) -> Result<RawReply, ClientError> {
         let mut flags = flags;
         if payload.is_some() && self.inner.info.mode == HeaderMode::Extended {
             flags |= cflag::PAYLOAD_LEN;
         }
         let r = self
-            .raw_request(command, flags, offset, length, payload)
+            .raw_request_into(command, flags, offset, length, payload, data)
             .await?;
         if let Some((errno, message)) = r.error {
             return Err(ClientError::Server { errno, message });
@@ -1062,6 +1093,21 @@ impl Client {
             done += n;
         }
         Ok(out)
+    }
+
+    /// Read `buf.len()` bytes at `offset` into `buf`, which is handed back
+    /// filled: callers that copy many blocks reuse one buffer per request in
+    /// flight instead of allocating and clearing one per read. Reads longer
+    /// than the maximum payload go through [`Client::read`].
+    pub async fn read_into(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>, ClientError> {
+        let len = buf.len() as u64;
+        if len > self.inner.info.max_payload() {
+            return self.read(offset, len).await;
+        }
+        Ok(self
+            .request_into(cmd::READ, 0, offset, len, None, buf)
+            .await?
+            .data)
     }
 
     /// Read with the structured chunks visible; `df` sets NBD_CMD_FLAG_DF.
@@ -1486,6 +1532,24 @@ async fn read_replies<R: AsyncRead + Unpin>(r: &mut R, inner: &Inner) -> Result<
             }
         }
     }
+}
+
+/// Write a request header and its payload with as few system calls as the
+/// socket allows (one `writev` for both, normally): a server that wakes on the
+/// header does not then wait for the payload in a second read.
+async fn write_all_two(w: &mut BoxWrite, mut a: &[u8], mut b: &[u8]) -> io::Result<()> {
+    while !a.is_empty() || !b.is_empty() {
+        let n = w
+            .write_vectored(&[io::IoSlice::new(a), io::IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        let from_a = n.min(a.len());
+        a = &a[from_a..];
+        b = &b[n - from_a..];
+    }
+    Ok(())
 }
 
 /// Size the reply buffer of a read, refusing absurd lengths (only possible

@@ -231,7 +231,7 @@ struct Conn {
     max_payload: u64,
     contexts: Vec<(ContextId, MetaContext)>,
     entry: Arc<ExportEntry>,
-    pool: BufPool,
+    pool: Arc<BufPool>,
 }
 
 /// Recycles write-payload buffers, so that a stream of large writes does not
@@ -257,6 +257,25 @@ impl BufPool {
         Vec::with_capacity(len)
     }
 
+    /// A buffer of exactly `len` initialised bytes for a read to fill. A
+    /// recycled buffer keeps its old contents (only growth is cleared): every
+    /// byte of it that is sent was read into it first.
+    fn take_filled(self: &Arc<Self>, len: usize) -> Recycled {
+        let mut buf = {
+            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+            match free.iter().position(|b| b.capacity() >= len) {
+                Some(i) => free.swap_remove(i),
+                None => Vec::new(),
+            }
+        };
+        buf.truncate(len);
+        buf.resize(len, 0);
+        Recycled {
+            buf,
+            pool: Arc::clone(self),
+        }
+    }
+
     fn give(&self, v: Vec<u8>) {
         if v.capacity() == 0 || v.capacity() > POOL_MAX_BUFFER {
             return;
@@ -266,6 +285,25 @@ impl BufPool {
         if held + v.capacity() <= POOL_MAX_BYTES {
             free.push(v);
         }
+    }
+}
+
+/// A read's reply buffer, sent as [`Bytes`] and returned to its
+/// connection's pool when the last slice of it has been written out.
+struct Recycled {
+    buf: Vec<u8>,
+    pool: Arc<BufPool>,
+}
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        self.pool.give(std::mem::take(&mut self.buf));
     }
 }
 
@@ -360,7 +398,7 @@ where
         max_payload: u64::from(neg.block_sizes.maximum),
         contexts: neg.contexts,
         entry: neg.entry,
-        pool: BufPool::default(),
+        pool: Arc::default(),
     });
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
@@ -1036,11 +1074,11 @@ fn read_reply(
     // `len` is bounded by the maximum payload (32 MiB by default).
     let n = len as usize;
     if !rp.mode.structured() {
-        let mut buf = vec![0u8; n];
-        return match export.read(offset, &mut buf) {
+        let mut buf = conn.pool.take_filled(n);
+        return match export.read(offset, &mut buf.buf) {
             Ok(()) => vec![
                 Bytes::copy_from_slice(&proto::encode_simple_reply(NbdErrno(0), rp.cookie)),
-                Bytes::from(buf),
+                Bytes::from_owner(buf),
             ],
             Err(e) => rp.error(errno_no_enotsup(&e), ""),
         };
@@ -1054,15 +1092,16 @@ fn read_reply(
             zero: false,
         }]
     };
-    let mut buf = vec![0u8; n];
+    // Hole segments of the buffer are never sent, so they are not cleared.
+    let mut buf = conn.pool.take_filled(n);
     for s in segments.iter().filter(|s| !s.zero) {
         let from = (s.start - offset) as usize;
         let to = from + s.len as usize;
-        if let Err(e) = export.read(s.start, &mut buf[from..to]) {
+        if let Err(e) = export.read(s.start, &mut buf.buf[from..to]) {
             return rp.error(errno_no_enotsup(&e), &format!("read failed: {e}"));
         }
     }
-    let data = Bytes::from(buf);
+    let data = Bytes::from_owner(buf);
     let mut out = Vec::with_capacity(segments.len() * 2);
     let last = segments.len().saturating_sub(1);
     for (i, s) in segments.iter().enumerate() {

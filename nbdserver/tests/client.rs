@@ -599,3 +599,45 @@ async fn batched_small_requests_with_tight_limits() {
             .expect("requests stalled");
     }
 }
+
+/// Reply buffers are recycled on both sides (the server's per-connection
+/// pool, the caller's buffer in `read_into`): a read that covers holes must
+/// still return zeroes there, never the bytes an earlier read left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recycled_read_buffers_never_show_stale_bytes() {
+    let ts = TestServer::start().await;
+    ts.add("disk", Arc::new(MemExport::new(64 * MIB)));
+    for mode in [
+        HeaderMode::Extended,
+        HeaderMode::Structured,
+        HeaderMode::Simple,
+    ] {
+        let c = connect(&ts, "disk", mode).await;
+        let base = match mode {
+            HeaderMode::Extended => 0,
+            HeaderMode::Structured => 16 * MIB,
+            HeaderMode::Simple => 32 * MIB,
+        };
+        // Fill the pools with 1 MiB buffers full of data.
+        let full = vec![0xa5u8; MIB as usize];
+        c.write(base, &full, false).await.unwrap();
+        let mut buf = Vec::new();
+        for _ in 0..8 {
+            buf = c.read_into(base, vec![0; MIB as usize]).await.unwrap();
+            assert_eq!(buf, full);
+        }
+        // The next MiB: data, a hole that was never written, data.
+        let (a, b) = (base + MIB, base + MIB + 768 * 1024);
+        c.write(a, &[1u8; 128 * 1024], false).await.unwrap();
+        c.write(b, &[2u8; 256 * 1024], false).await.unwrap();
+        let mut want = vec![0u8; MIB as usize];
+        want[..128 * 1024].fill(1);
+        want[768 * 1024..].fill(2);
+        buf.fill(0xee);
+        for _ in 0..4 {
+            buf = c.read_into(a, buf).await.unwrap();
+            assert_eq!(buf, want, "{mode:?}: stale bytes in a hole (read_into)");
+            assert_eq!(c.read(a, MIB).await.unwrap(), want, "{mode:?}: read");
+        }
+    }
+}

@@ -46,14 +46,19 @@ pub mod exit {
     pub const MISMATCH: u8 = 7;
 }
 
-/// Bytes per request.
+/// Bytes per request to a file or qcow2 target: fewer, larger writes.
 const PIECE: u64 = 1 << 20;
+/// Bytes per request to an NBD target. Servers like qemu-nbd take a fresh
+/// buffer for each request, and 1 MiB ones cost them a map, page faults and
+/// an unmap each: a paired A/B into qemu-nbd gave 256 KiB pieces 0.85x the
+/// time of 1 MiB ones, while a file target was 1.15x slower with them.
+const NBD_PIECE: u64 = 256 << 10;
 /// NBD connections to the restore export, and to an NBD target.
 pub const CONNECTIONS: usize = 4;
 /// All-zero blocks of this size inside data are not written.
 const ZERO_BLOCK: usize = 64 << 10;
-/// Requests in flight per disk (spread over the connections).
-const IN_FLIGHT: usize = 16;
+/// Bytes in flight per disk (spread over the connections).
+const IN_FLIGHT_BYTES: u64 = 16 << 20;
 
 /// Where a disk's bytes are read from.
 pub enum Reader {
@@ -178,19 +183,27 @@ impl Reader {
 
     /// Read on connection `lane` (any number: it is taken modulo the connections).
     pub async fn read(&self, lane: usize, off: u64, len: u64) -> Result<Vec<u8>, String> {
+        self.read_into(lane, off, vec![0u8; len as usize]).await
+    }
+
+    /// Fill `buf` from `off` and hand it back: the copy loop keeps one buffer
+    /// per request in flight instead of allocating (and clearing) one per read.
+    pub async fn read_into(
+        &self,
+        lane: usize,
+        off: u64,
+        mut buf: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
         match self {
             Reader::Local(c) => {
                 let c = Arc::clone(c);
-                tokio::task::spawn_blocking(move || {
-                    let mut b = vec![0u8; len as usize];
-                    c.read_at(&mut b, off).map(|_| b)
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("reading the point at {off}: {e}"))
+                tokio::task::spawn_blocking(move || c.read_at(&mut buf, off).map(|_| buf))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("reading the point at {off}: {e}"))
             }
             Reader::Nbd(c) => c[lane % c.len()]
-                .read(off, len)
+                .read_into(off, buf)
                 .await
                 .map_err(|e| format!("reading the restore export at {off}: {e}")),
         }
@@ -236,7 +249,14 @@ fn is_zero(b: &[u8]) -> bool {
 }
 
 /// Write `buf` read at `off`: data as writes, all-zero blocks as zeroes.
-async fn put(t: &Target, lane: usize, off: u64, buf: Vec<u8>, c: &Counters) -> Result<(), String> {
+/// Hands the buffer back for the next read.
+async fn put(
+    t: &Target,
+    lane: usize,
+    off: u64,
+    buf: Vec<u8>,
+    c: &Counters,
+) -> Result<Vec<u8>, String> {
     let mut i = 0;
     while i < buf.len() {
         let end = |at: usize| {
@@ -251,9 +271,9 @@ async fn put(t: &Target, lane: usize, off: u64, buf: Vec<u8>, c: &Counters) -> R
         let (o, n) = (off + i as u64, (j - i) as u64);
         if !zero && i == 0 && j == buf.len() {
             // All data: hand the buffer over without a copy.
-            t.write(lane, o, buf).await?;
+            let buf = t.write(lane, o, buf).await?;
             c.written.fetch_add(n, Ordering::Relaxed);
-            return Ok(());
+            return Ok(buf);
         }
         if zero {
             if t.fresh() {
@@ -268,7 +288,7 @@ async fn put(t: &Target, lane: usize, off: u64, buf: Vec<u8>, c: &Counters) -> R
         }
         i = j;
     }
-    Ok(())
+    Ok(buf)
 }
 
 /// Copy one disk from `r` to `t`, then (with `verify`) compare everything.
@@ -298,12 +318,16 @@ pub async fn restore_disk(
             Some(ranges) => ranges.iter().map(|&(o, l)| (o, l, true)).collect(),
             None => r.map().await?,
         };
+        let piece = match *t {
+            Target::Nbd { .. } => NBD_PIECE,
+            _ => PIECE,
+        };
         let mut pieces = Vec::new();
         for (off, len, data) in map {
             let mut p = off;
             while p < off + len {
                 let n = if data {
-                    (off + len - p).min(PIECE - p % PIECE)
+                    (off + len - p).min(piece - p % piece)
                 } else {
                     off + len - p
                 };
@@ -319,7 +343,7 @@ pub async fn restore_disk(
         let next = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let mut set = tokio::task::JoinSet::new();
-        for lane in 0..IN_FLIGHT {
+        for lane in 0..(IN_FLIGHT_BYTES / piece) as usize {
             let (r, t, c, pieces, next, stop, bar) = (
                 Arc::clone(&r),
                 Arc::clone(&t),
@@ -330,6 +354,7 @@ pub async fn restore_disk(
                 bar.clone(),
             );
             set.spawn(async move {
+                let mut spare = Vec::new();
                 loop {
                     if stop.load(Ordering::Relaxed) {
                         return Ok(());
@@ -340,8 +365,11 @@ pub async fn restore_disk(
                     };
                     let step = async {
                         if data {
-                            let buf = r.read(lane, off, len).await?;
-                            put(&t, lane, off, buf, &c).await
+                            let mut buf = std::mem::take(&mut spare);
+                            buf.resize(len as usize, 0);
+                            let buf = r.read_into(lane, off, buf).await?;
+                            spare = put(&t, lane, off, buf, &c).await?;
+                            Ok(())
                         } else if t.fresh() {
                             c.skipped.fetch_add(len, Ordering::Relaxed);
                             Ok(())

@@ -285,7 +285,8 @@ impl Target {
     }
 
     /// Write on connection `lane` (taken modulo the connections).
-    pub async fn write(&self, lane: usize, off: u64, buf: Vec<u8>) -> Result<(), String> {
+    /// Hands the buffer back once written, for the next read.
+    pub async fn write(&self, lane: usize, off: u64, buf: Vec<u8>) -> Result<Vec<u8>, String> {
         match self {
             Target::File {
                 file, path, serial, ..
@@ -293,7 +294,7 @@ impl Target {
                 let (f, p, m) = (Arc::clone(file), path.clone(), Arc::clone(serial));
                 tokio::task::spawn_blocking(move || {
                     let _one = m.lock().unwrap_or_else(|e| e.into_inner());
-                    f.write_all_at(&buf, off)
+                    f.write_all_at(&buf, off).map(|_| buf)
                 })
                 .await
                 .map_err(|e| e.to_string())?
@@ -301,15 +302,18 @@ impl Target {
             }
             Target::Qcow2 { image, path } => {
                 let (i, p) = (Arc::clone(image), path.clone());
-                tokio::task::spawn_blocking(move || i.write_at(&buf, off))
+                tokio::task::spawn_blocking(move || i.write_at(&buf, off).map(|_| buf))
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| format!("writing {}: {e}", p.display()))
             }
-            Target::Nbd { clients, uri } => clients[lane % clients.len()]
-                .write(off, &buf, false)
-                .await
-                .map_err(|e| format!("writing {} bytes at {off} to {uri}: {e}", buf.len())),
+            Target::Nbd { clients, uri } => {
+                clients[lane % clients.len()]
+                    .write(off, &buf, false)
+                    .await
+                    .map_err(|e| format!("writing {} bytes at {off} to {uri}: {e}", buf.len()))?;
+                Ok(buf)
+            }
         }
     }
 
