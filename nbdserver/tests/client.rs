@@ -17,6 +17,21 @@ use common::*;
 
 const MIB: u64 = 1024 * 1024;
 
+const MODES: [HeaderMode; 3] = [
+    HeaderMode::Extended,
+    HeaderMode::Structured,
+    HeaderMode::Simple,
+];
+
+/// Each header mode writes its own 16 MiB region of a shared export.
+fn region(mode: HeaderMode) -> u64 {
+    match mode {
+        HeaderMode::Extended => 0,
+        HeaderMode::Structured => 16 * MIB,
+        HeaderMode::Simple => 32 * MIB,
+    }
+}
+
 fn options(mode: HeaderMode) -> ConnectOptions {
     ConnectOptions {
         extended_headers: mode == HeaderMode::Extended,
@@ -45,11 +60,7 @@ fn errno(r: Result<impl std::fmt::Debug, ClientError>) -> NbdErrno {
 async fn every_command_in_every_header_mode() {
     let ts = TestServer::start().await;
     ts.add("disk", Arc::new(MemExport::new(64 * MIB)));
-    for mode in [
-        HeaderMode::Extended,
-        HeaderMode::Structured,
-        HeaderMode::Simple,
-    ] {
+    for mode in MODES {
         let c = connect(&ts, "disk", mode).await;
         let info = c.info().clone();
         assert_eq!(info.mode, mode);
@@ -64,11 +75,7 @@ async fn every_command_in_every_header_mode() {
         assert_eq!(info.block_sizes, Some((1, 4096, 32 * 1024 * 1024)));
         assert_eq!(info.description.as_deref(), Some("in-memory export"));
 
-        let base = match mode {
-            HeaderMode::Extended => 0,
-            HeaderMode::Structured => 16 * MIB,
-            HeaderMode::Simple => 32 * MIB,
-        };
+        let base = region(mode);
         let data = pseudo_random(3 * MIB as usize + 17, base);
         c.write(base + 5, &data, false).await.unwrap();
         assert_eq!(c.read(base + 5, data.len() as u64).await.unwrap(), data);
@@ -186,11 +193,7 @@ async fn bad_requests_get_errors_and_the_connection_survives() {
     let ts = TestServer::start().await;
     ts.add("disk", Arc::new(MemExport::new(64 * MIB)));
     ts.add("big", Arc::new(MemExport::new(8 << 30)));
-    for mode in [
-        HeaderMode::Extended,
-        HeaderMode::Structured,
-        HeaderMode::Simple,
-    ] {
+    for mode in MODES {
         let c = connect(&ts, "disk", mode).await;
         let ext_flag = if mode == HeaderMode::Extended {
             cflag::PAYLOAD_LEN
@@ -607,17 +610,9 @@ async fn batched_small_requests_with_tight_limits() {
 async fn recycled_read_buffers_never_show_stale_bytes() {
     let ts = TestServer::start().await;
     ts.add("disk", Arc::new(MemExport::new(64 * MIB)));
-    for mode in [
-        HeaderMode::Extended,
-        HeaderMode::Structured,
-        HeaderMode::Simple,
-    ] {
+    for mode in MODES {
         let c = connect(&ts, "disk", mode).await;
-        let base = match mode {
-            HeaderMode::Extended => 0,
-            HeaderMode::Structured => 16 * MIB,
-            HeaderMode::Simple => 32 * MIB,
-        };
+        let base = region(mode);
         // Fill the pools with 1 MiB buffers full of data.
         let full = vec![0xa5u8; MIB as usize];
         c.write(base, &full, false).await.unwrap();
