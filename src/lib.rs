@@ -8,6 +8,7 @@ pub mod api;
 pub mod catalog;
 pub mod cli;
 pub mod client;
+pub mod digest;
 pub mod engine;
 pub mod export;
 pub mod model;

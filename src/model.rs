@@ -118,6 +118,11 @@ pub struct CompleteRequest {
     pub disk_id: Option<u32>,
     #[serde(default)]
     pub bytes_transferred: Option<u64>,
+    /// The client's digest of what it read from the source
+    /// (`cvblk1-sha256:<hex>`, docs/layout.md): the disk fails unless the
+    /// stored point has the same.
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 /// Response to a completion.
@@ -127,6 +132,9 @@ pub struct CompleteResponse {
     pub backup_id: String,
     pub disk_id: u32,
     pub change_id: String,
+    /// The point's digest (`cvblk1-sha256:<hex>`).
+    #[serde(default)]
+    pub digest: Option<String>,
     pub message: String,
     pub timestamp: String,
     /// Status of the whole backup after this completion.
@@ -197,6 +205,10 @@ pub struct DiskBackupRecord {
     pub image: String,
     pub status: Status,
     pub change_id: Option<String>,
+    /// What the point reads, as `cvblk1-sha256:<hex>` (docs/layout.md);
+    /// recorded with the change_id. None for points made before digests.
+    #[serde(default)]
+    pub digest: Option<String>,
     pub bytes_transferred: Option<u64>,
     pub size_on_disk: Option<u64>,
     pub started_at: String,

@@ -67,6 +67,7 @@ async fn full_then_incremental_two_disks() {
                     change_id: Some(cid.to_string()),
                     disk_id: Some(i as u32),
                     bytes_transferred: Some(1 << 20),
+                    digest: None,
                 },
             )
             .await
@@ -95,6 +96,7 @@ async fn full_then_incremental_two_disks() {
                 change_id: Some("cbt-a/1".into()),
                 disk_id: Some(0),
                 bytes_transferred: None,
+                digest: None,
             },
         )
         .await
@@ -107,6 +109,7 @@ async fn full_then_incremental_two_disks() {
                 change_id: Some("other".into()),
                 disk_id: Some(0),
                 bytes_transferred: None,
+                digest: None,
             },
         )
         .await
@@ -143,6 +146,7 @@ async fn full_then_incremental_two_disks() {
                 change_id: Some(cid.to_string()),
                 disk_id: Some(i as u32),
                 bytes_transferred: None,
+                digest: None,
             },
         )
         .await
@@ -236,6 +240,7 @@ async fn a_failed_disk_fails_the_backup_and_closes_every_export() {
                 change_id: Some("x/1".into()),
                 disk_id: Some(0),
                 bytes_transferred: None,
+                digest: None,
             },
         )
         .await

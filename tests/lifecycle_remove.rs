@@ -118,10 +118,24 @@ fn check_kept(what: &str, d: &Daemon, kept: &[Point]) {
             img.display()
         );
     }
+    // Every kept point keeps its block digests.
+    for img in &images {
+        assert!(
+            img.with_extension("digests").is_file(),
+            "{what}: {} lost its block digests",
+            img.display()
+        );
+    }
     // No file the catalog does not account for, and no journal left.
     let known: HashSet<PathBuf> = images
         .iter()
-        .flat_map(|i| [i.clone(), i.with_extension("json")])
+        .flat_map(|i| {
+            [
+                i.clone(),
+                i.with_extension("json"),
+                i.with_extension("digests"),
+            ]
+        })
         .collect();
     for f in walk(&d.data.join("vms"))
         .into_iter()

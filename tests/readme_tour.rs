@@ -172,6 +172,18 @@ fn readme_tour_runs_verbatim() {
             && stdout.contains("Images are identical."),
         "the restore and its comparison:\n{show}"
     );
+    // The newest point's recorded digest, the restored file's and the
+    // source's are one digest.
+    let digests: Vec<&str> = stdout
+        .split_whitespace()
+        .filter(|w| w.starts_with("cvblk1-sha256:") && w.len() == 14 + 64)
+        .collect();
+    assert!(digests.len() >= 3, "three digests expected:\n{show}");
+    let last3 = &digests[digests.len() - 3..];
+    assert!(
+        last3.iter().all(|d| *d == last3[0]),
+        "the point, the restored disk and the source digest differently: {last3:?}\n{show}"
+    );
     assert!(
         stdout.contains("Q3 figures: 42"),
         "the deleted report was not copied out of the first point:\n{show}"

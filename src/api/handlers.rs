@@ -191,6 +191,35 @@ pub async fn chain(
     Ok(Json(blocking(&st, move |e| e.chain(&vm, disk)).await?))
 }
 
+/// Largest source-digest upload: a digest file of a 64 TiB disk read whole.
+pub const SOURCE_DIGESTS_LIMIT: usize = 64 + 40 * (1 << 30);
+
+/// `GET /api/v1/backups/{id}/disks/{disk}/digests`.
+pub async fn point_digests(
+    State(st): State<AppState>,
+    ApiPath((backup_id, disk_id)): ApiPath<(String, u32)>,
+) -> ApiResult<axum::response::Response> {
+    let bytes = st.engine.point_digests(&backup_id, disk_id).await?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        bytes,
+    )
+        .into_response())
+}
+
+/// `PUT /api/v1/backups/{id}/disks/{disk}/source-digests`.
+pub async fn put_source_digests(
+    State(st): State<AppState>,
+    ApiPath((backup_id, disk_id)): ApiPath<(String, u32)>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let n = st
+        .engine
+        .put_source_digests(&backup_id, disk_id, body.to_vec())
+        .await?;
+    Ok(Json(serde_json::json!({ "blocks": n })))
+}
+
 /// `GET /api/v1/backups/{id}`.
 pub async fn get_backup(
     State(st): State<AppState>,

@@ -48,6 +48,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("delete", "/api/v1/backups/{backup_id}"),
     ("post", "/api/v1/backups/{backup_id}/complete"),
     ("post", "/api/v1/backups/{backup_id}/fail"),
+    ("get", "/api/v1/backups/{backup_id}/disks/{disk_id}/digests"),
+    (
+        "put",
+        "/api/v1/backups/{backup_id}/disks/{disk_id}/source-digests",
+    ),
     ("post", "/api/v1/restores"),
     ("get", "/api/v1/restores"),
     ("delete", "/api/v1/restores/{restore_id}"),
@@ -98,6 +103,15 @@ pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
         .route(
             "/api/v1/backups/{backup_id}/fail",
             post(handlers::fail_backup),
+        )
+        .route(
+            "/api/v1/backups/{backup_id}/disks/{disk_id}/digests",
+            get(handlers::point_digests),
+        )
+        .route(
+            "/api/v1/backups/{backup_id}/disks/{disk_id}/source-digests",
+            axum::routing::put(handlers::put_source_digests)
+                .layer(DefaultBodyLimit::max(handlers::SOURCE_DIGESTS_LIMIT)),
         )
         .route(
             "/api/v1/restores",

@@ -429,7 +429,8 @@ fn build_core() -> Value {
                     "properties": {
                         "change_id": { "type": "string", "minLength": 1, "description": "The hypervisor's change_id for this disk's snapshot; stored as an opaque string." },
                         "disk_id": { "type": "integer", "minimum": 0 },
-                        "bytes_transferred": { "type": ["integer", "null"], "minimum": 0 }
+                        "bytes_transferred": { "type": ["integer", "null"], "minimum": 0 },
+                        "digest": { "type": ["string", "null"], "pattern": "^cvblk1-sha256:[0-9a-f]{64}$", "description": "The client's digest of what it read from the source (docs/layout.md, \"Block digests\"). When given, the disk fails unless the stored point has the same digest." }
                     }
                 },
                 "CompleteResponse": {
@@ -440,6 +441,7 @@ fn build_core() -> Value {
                         "backup_id": { "type": "string" },
                         "disk_id": { "type": "integer", "minimum": 0 },
                         "change_id": { "type": "string" },
+                        "digest": { "type": ["string", "null"], "description": "The point's digest, cvblk1-sha256:<hex>." },
                         "message": { "type": "string" },
                         "timestamp": { "type": "string", "format": "date-time" },
                         "backup_status": { "allOf": [r("Status")], "description": "Status of the whole backup after this completion." }
@@ -462,7 +464,7 @@ fn build_core() -> Value {
                 },
                 "DiskBackupRecord": {
                     "type": "object",
-                    "required": ["backup_id", "disk_id", "vm_name", "disk_key", "capacity_bytes", "mode", "reason", "parent_backup_id", "chain_id", "image", "status", "change_id", "bytes_transferred", "size_on_disk", "started_at", "completed_at", "error"],
+                    "required": ["backup_id", "disk_id", "vm_name", "disk_key", "capacity_bytes", "mode", "reason", "parent_backup_id", "chain_id", "image", "status", "change_id", "digest", "bytes_transferred", "size_on_disk", "started_at", "completed_at", "error"],
                     "properties": {
                         "backup_id": { "type": "string" },
                         "disk_id": { "type": "integer", "minimum": 0 },
@@ -476,6 +478,7 @@ fn build_core() -> Value {
                         "image": { "type": "string", "description": "Image path relative to the repository root." },
                         "status": r("Status"),
                         "change_id": nullable_string,
+                        "digest": { "type": ["string", "null"], "description": "What the point reads, cvblk1-sha256:<hex> (docs/layout.md, \"Block digests\"); recorded with the change_id. Null for points made before chainvault kept digests, and for imports." },
                         "bytes_transferred": { "type": ["integer", "null"] },
                         "size_on_disk": { "type": ["integer", "null"] },
                         "started_at": { "type": "string", "format": "date-time" },
@@ -689,6 +692,33 @@ fn build_core() -> Value {
                         ("413", TOO_LARGE),
                         ("415", BAD_TYPE)
                     ])
+                }
+            },
+            "/api/v1/backups/{backup_id}/disks/{disk_id}/digests": {
+                "parameters": [ path_param("backup_id", "A completed backup."), path_param("disk_id", "One of its disks.") ],
+                "get": {
+                    "operationId": "pointDigests",
+                    "summary": "The point's block digests, resolved through its chain, as a whole digest file (application/octet-stream; docs/layout.md, \"Block digests\"). A transfer client builds the digest of an incremental on them.",
+                    "responses": {
+                        "200": { "description": "The digest file.", "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } } },
+                        "404": { "description": "No such backup or disk.", "content": { "application/json": { "schema": r("Error") } } },
+                        "409": { "description": "The disk is not completed, or its point has no block digests recorded.", "content": { "application/json": { "schema": r("Error") } } }
+                    }
+                }
+            },
+            "/api/v1/backups/{backup_id}/disks/{disk_id}/source-digests": {
+                "parameters": [ path_param("backup_id", "A running backup."), path_param("disk_id", "One of its running disks.") ],
+                "put": {
+                    "operationId": "putSourceDigests",
+                    "summary": "Before completing a disk: the block digests of every block the client read or zeroed, as a layer digest file (application/octet-stream). At completion the daemon compares each with the stored point and fails the disk at the first that differs, naming its offset.",
+                    "requestBody": { "required": true, "content": { "application/octet-stream": { "schema": { "type": "string", "format": "binary" } } } },
+                    "responses": {
+                        "200": { "description": "Taken: the number of blocks.", "content": { "application/json": { "schema": { "type": "object", "properties": { "blocks": { "type": "integer" } } } } } },
+                        "400": { "description": "Not a digest file, damaged, of another disk size, or not of kind layer.", "content": { "application/json": { "schema": r("Error") } } },
+                        "404": { "description": "No such backup or disk.", "content": { "application/json": { "schema": r("Error") } } },
+                        "409": { "description": "The disk is not running.", "content": { "application/json": { "schema": r("Error") } } },
+                        "413": { "description": "Larger than a digest file of this disk can be.", "content": { "application/json": { "schema": r("Error") } } }
+                    }
                 }
             },
             "/api/v1/backups/{backup_id}/fail": {

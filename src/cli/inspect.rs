@@ -638,6 +638,9 @@ pub fn render_chain(c: &ChainView) -> String {
             if let Some(cid) = &p.change_id {
                 out.push_str(&format!("{cont}   change_id {cid}\n"));
             }
+            if let Some(d) = &p.digest {
+                out.push_str(&format!("{cont}   digest {d}\n"));
+            }
             if let Some(r) = &p.reason {
                 if !(gi > 0 && i == 0) {
                     out.push_str(&format!("{cont}   reason: {r}\n"));
@@ -680,6 +683,7 @@ mod tests {
                     id.len() * 100
                 )
             }),
+            digest: None,
             bytes_transferred: None,
             size_on_disk: (status == Status::Completed).then_some(43 << 20),
             started_at: "2025-03-01T02:00:00.123456Z".into(),

@@ -214,6 +214,9 @@ pub fn show_backup(a: BackupIdArgs) -> anyhow::Result<u8> {
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default()
         );
+        if let Some(dg) = &d.digest {
+            println!("    digest {dg}");
+        }
     }
     Ok(0)
 }

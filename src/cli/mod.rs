@@ -1,6 +1,7 @@
 //! Command-line interface (clap).
 
 pub mod backup;
+pub mod digest;
 pub mod export;
 pub mod image;
 pub mod import;
@@ -70,6 +71,9 @@ pub enum Command {
     /// restore's writes as an image).
     #[command(subcommand)]
     Restores(restore::RestoresCmd),
+    /// Print the content digest (cvblk1-sha256:HEX) of a raw file, block
+    /// device, qcow2 image or chain, or NBD export, to compare with a point's.
+    Digest(digest::DigestArgs),
 }
 
 /// Where the daemon is, for commands that talk to it.
@@ -128,5 +132,6 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Usage(a) => space::run_usage(a),
         Command::Restore(a) => restore::run(a),
         Command::Restores(c) => restore::run_restores(c),
+        Command::Digest(a) => digest::run(a),
     }
 }

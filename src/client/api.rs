@@ -85,6 +85,13 @@ fn encode(s: &str) -> String {
     o
 }
 
+/// What a request carries.
+enum Payload {
+    None,
+    Json(serde_json::Value),
+    Bytes(Vec<u8>),
+}
+
 impl Api {
     /// `base` is the daemon URL (`http://127.0.0.1:8420`).
     pub fn new(base: &str, token: Option<String>) -> Result<Api, String> {
@@ -132,36 +139,11 @@ impl Api {
         path: String,
         body: Option<serde_json::Value>,
     ) -> Result<T, ApiError> {
-        let url = format!("{}{}", self.base, path);
-        let mut req = self.agent.request(method, &url);
-        if let Some(t) = &self.token {
-            req = req.set("Authorization", &format!("Bearer {t}"));
-        }
-        let res = match body {
-            Some(b) => req.send_json(b),
-            None => req.call(),
-        };
-        let resp = match res {
-            Ok(r) => r,
-            Err(ureq::Error::Status(status, r)) => {
-                let text = r.into_string().unwrap_or_default();
-                let message = serde_json::from_str::<ErrorBody>(&text)
-                    .map(|b| b.error)
-                    .unwrap_or_else(|_| text.trim().chars().take(500).collect());
-                return Err(ApiError::Status {
-                    method,
-                    path,
-                    status,
-                    message,
-                });
-            }
-            Err(e) => {
-                return Err(ApiError::Unreachable {
-                    url: self.base.clone(),
-                    cause: e.to_string(),
-                })
-            }
-        };
+        let resp = self.send_blocking(
+            method,
+            &path,
+            body.map(Payload::Json).unwrap_or(Payload::None),
+        )?;
         let text = resp.into_string().map_err(|e| ApiError::Unreachable {
             url: self.base.clone(),
             cause: format!("reading the answer to {method} {path}: {e}"),
@@ -171,6 +153,108 @@ impl Api {
             path,
             cause: format!("{e}; body: {}", text.chars().take(300).collect::<String>()),
         })
+    }
+
+    fn send_blocking(
+        &self,
+        method: &'static str,
+        path: &str,
+        body: Payload,
+    ) -> Result<ureq::Response, ApiError> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.agent.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let res = match body {
+            Payload::Json(b) => req.send_json(b),
+            Payload::Bytes(b) => req
+                .set("Content-Type", "application/octet-stream")
+                .send_bytes(&b),
+            Payload::None => req.call(),
+        };
+        match res {
+            Ok(r) => Ok(r),
+            Err(ureq::Error::Status(status, r)) => {
+                let text = r.into_string().unwrap_or_default();
+                let message = serde_json::from_str::<ErrorBody>(&text)
+                    .map(|b| b.error)
+                    .unwrap_or_else(|_| text.trim().chars().take(500).collect());
+                Err(ApiError::Status {
+                    method,
+                    path: path.to_string(),
+                    status,
+                    message,
+                })
+            }
+            Err(e) => Err(ApiError::Unreachable {
+                url: self.base.clone(),
+                cause: e.to_string(),
+            }),
+        }
+    }
+
+    /// A binary request: the answer's bytes.
+    async fn call_bytes(
+        &self,
+        method: &'static str,
+        path: String,
+        body: Payload,
+    ) -> Result<Vec<u8>, ApiError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let resp = this.send_blocking(method, &path, body)?;
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut resp.into_reader(), &mut out).map_err(|e| {
+                ApiError::Unreachable {
+                    url: this.base.clone(),
+                    cause: format!("reading the answer to {method} {path}: {e}"),
+                }
+            })?;
+            Ok(out)
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ApiError::BadAnswer {
+                method,
+                path: String::new(),
+                cause: format!("HTTP worker failed: {e}"),
+            })
+        })
+    }
+
+    /// `GET /api/v1/backups/{id}/disks/{disk}/digests`: a point's block
+    /// digests (a whole digest file).
+    pub async fn point_digests(&self, backup_id: &str, disk_id: u32) -> Result<Vec<u8>, ApiError> {
+        self.call_bytes(
+            "GET",
+            format!(
+                "/api/v1/backups/{}/disks/{disk_id}/digests",
+                encode(backup_id)
+            ),
+            Payload::None,
+        )
+        .await
+    }
+
+    /// `PUT /api/v1/backups/{id}/disks/{disk}/source-digests`: the block
+    /// digests of what the client read.
+    pub async fn put_source_digests(
+        &self,
+        backup_id: &str,
+        disk_id: u32,
+        bytes: Vec<u8>,
+    ) -> Result<(), ApiError> {
+        self.call_bytes(
+            "PUT",
+            format!(
+                "/api/v1/backups/{}/disks/{disk_id}/source-digests",
+                encode(backup_id)
+            ),
+            Payload::Bytes(bytes),
+        )
+        .await
+        .map(|_| ())
     }
 
     fn json<B: Serialize>(b: &B) -> Option<serde_json::Value> {
@@ -209,11 +293,13 @@ impl Api {
         disk_id: u32,
         change_id: &str,
         bytes_transferred: u64,
+        digest: Option<String>,
     ) -> Result<CompleteResponse, ApiError> {
         let body = CompleteRequest {
             change_id: Some(change_id.to_string()),
             disk_id: Some(disk_id),
             bytes_transferred: Some(bytes_transferred),
+            digest,
         };
         self.call(
             "POST",

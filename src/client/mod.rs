@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod bitmap;
+pub mod digests;
 pub mod plan;
 pub mod report;
 pub mod source;
@@ -430,6 +431,7 @@ async fn run_inner(opts: &Options, report: &mut BackupReport) -> Result<u8, Fail
                 ..Default::default()
             }),
             counters: Arc::new(Counters::default()),
+            digests: Mutex::new(None),
             t0: Instant::now(),
         });
         states.push(Arc::clone(&state));
@@ -827,6 +829,8 @@ fn list_or_none(v: &[String]) -> String {
 struct DiskState {
     report: Mutex<DiskReport>,
     counters: Arc<Counters>,
+    /// The block digests of what was read, once the copy has run.
+    digests: Mutex<Option<Arc<digests::SourceDigests>>>,
     t0: Instant,
 }
 
@@ -860,9 +864,39 @@ async fn run_disk(
     // QEMU (it cannot be removed), and a local image stays locked, so the
     // checkpoint recorded is the one that was read beside.
     let written = state.counters.written.load(Ordering::Relaxed);
+    // The block digests of what was read go first, then the source's digest
+    // with the completion: the daemon refuses a disk that differs.
+    let sd = lock(&state.digests).clone();
+    let mut digest = None;
+    if let Some(sd) = sd {
+        digest = sd.root().map(|r| r.to_string());
+        lock(&state.report).digest = digest.clone();
+        if !sd.complete {
+            lock(&ctx.notes).push(format!(
+                "disk {d}: the parent point has no block digests, so the source's digest is not                  known from an incremental; the blocks read are still checked"
+            ));
+        }
+        if let Err(e) = ctx
+            .api
+            .put_source_digests(&ctx.backup_id, d, sd.upload())
+            .await
+        {
+            if e.status() != Some(404) {
+                close(source).await;
+                let f = DiskFailure {
+                    message: format!("disk {d}: the daemon refused the block digests: {e}"),
+                    daemon_gone: matches!(e, ApiError::Unreachable { .. }),
+                };
+                lock(&state.report).error = Some(strip_disk(&f.message, d));
+                return Err(f);
+            }
+            // A daemon without digests: complete without them.
+            digest = None;
+        }
+    }
     let done = ctx
         .api
-        .complete(&ctx.backup_id, d, &change_id, written)
+        .complete(&ctx.backup_id, d, &change_id, written, digest)
         .await;
     close(source).await;
     let done = match done {
@@ -1061,8 +1095,34 @@ async fn copy_planned(
         }
         None => plan::full(size, alloc.as_deref(), !fresh),
     };
+    // Whole blocks, so that each block read is hashed whole.
+    let plan = plan.aligned(size, crate::digest::BLOCK);
     bar.set_length(plan.data_bytes);
-    let request = ctx.opts.request_size.clamp(4096, 32 << 20);
+    let request = ctx
+        .opts
+        .request_size
+        .clamp(4096, 32 << 20)
+        .next_multiple_of(crate::digest::BLOCK);
+    let parent_digests = match &target.parent_backup_id {
+        None => Some(None),
+        Some(parent) => match ctx.api.point_digests(parent, target.disk_id).await {
+            Ok(bytes) => Some(Some(
+                crate::digest::file::dense_from_bytes(&bytes, size, "from the daemon")
+                    .map_err(|e| plain(format!("the parent point's block digests: {e}")))?,
+            )),
+            Err(e) if matches!(e.status(), Some(404 | 409)) => None,
+            Err(e) => {
+                return Err(plain(format!(
+                    "reading the parent point's block digests: {e}"
+                )))
+            }
+        },
+    };
+    let sd = Arc::new(match parent_digests {
+        Some(p) => digests::SourceDigests::new(size, p, true),
+        None => digests::SourceDigests::new(size, None, false),
+    });
+    *lock(&state.digests) = Some(Arc::clone(&sd));
     let pieces = Arc::new(plan.split(request, 1 << 30));
 
     // Connect to the target.
@@ -1099,6 +1159,10 @@ async fn copy_planned(
         in_flight: ctx.opts.requests,
         fresh_target: fresh,
         limit: ctx.limit.clone(),
+        digests: Some(sd),
+        drop_write_at: std::env::var("CHAINVAULT_FAULT_DROP_WRITE")
+            .ok()
+            .and_then(|v| v.parse().ok()),
     };
     let copied = transfer::copy(
         Arc::clone(source),

@@ -82,6 +82,66 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// The same plan on whole blocks of `block` bytes (the last block of the
+    /// disk may be shorter), so that every block read can be hashed whole:
+    /// a block the plan touches only in part is read whole (the rest comes
+    /// from the source as it is), and a block is written as zeroes only if
+    /// zero pieces cover all of it.
+    pub fn aligned(&self, size: u64, block: u64) -> Plan {
+        let mut out = Plan::default();
+        // A block seen only in part so far: (index, zero bytes, any data).
+        let mut pend: Option<(u64, u64, bool)> = None;
+        let block_end = |i: u64| ((i + 1) * block).min(size);
+        let flush = |out: &mut Plan, pend: Option<(u64, u64, bool)>| {
+            if let Some((i, zeros, data)) = pend {
+                let len = block_end(i) - i * block;
+                let kind = if !data && zeros == len {
+                    Kind::Zero
+                } else {
+                    Kind::Data
+                };
+                out.push(i * block, len, kind);
+            }
+        };
+        for p in &self.pieces {
+            let end = (p.offset + p.len).min(size);
+            let mut pos = p.offset;
+            while pos < end {
+                let i = pos / block;
+                let stop = end.min(block_end(i));
+                if pos == i * block && stop == block_end(i) {
+                    // Whole blocks: as many as the piece covers.
+                    if pend.is_some_and(|x| x.0 != i) {
+                        flush(&mut out, pend.take());
+                    }
+                    let run_end = if end >= size {
+                        size
+                    } else {
+                        end / block * block
+                    };
+                    out.push(pos, run_end - pos, p.kind);
+                    pos = run_end;
+                    continue;
+                }
+                if pend.map(|x| x.0) != Some(i) {
+                    flush(&mut out, pend.take());
+                    pend = Some((i, 0, false));
+                }
+                if let Some(x) = pend.as_mut() {
+                    match p.kind {
+                        Kind::Zero => x.1 += stop - pos,
+                        Kind::Data => x.2 = true,
+                    }
+                }
+                pos = stop;
+            }
+        }
+        flush(&mut out, pend);
+        out
+    }
+}
+
 /// Extents (length, flags) laid end to end from 0, as absolute ranges.
 fn absolute(ext: &[Extent]) -> impl Iterator<Item = (u64, u64, u32)> + '_ {
     let mut pos = 0u64;
@@ -233,6 +293,35 @@ mod tests {
         assert!(incremental(100, &ext(&[(100, 0)]), Some(&alloc))
             .pieces
             .is_empty());
+    }
+
+    #[test]
+    fn aligned_plans_cover_whole_blocks_and_zero_only_whole_zero_blocks() {
+        let plan = Plan {
+            pieces: vec![
+                p(3, 5, Kind::Data),  // block 0 in part
+                p(8, 8, Kind::Zero),  // block 1 whole
+                p(16, 4, Kind::Zero), // block 2 in part ...
+                p(20, 4, Kind::Zero), // ... and the rest of it: still zero
+                p(24, 2, Kind::Zero), // block 3 in part, with data after
+                p(28, 2, Kind::Data),
+                p(40, 16, Kind::Data), // blocks 5 and 6 whole
+                p(60, 2, Kind::Zero),  // block 7 (short: the disk ends at 62) in part
+            ],
+            data_bytes: 0,
+            zero_bytes: 0,
+        };
+        let a = plan.aligned(62, 8);
+        assert_eq!(
+            a.pieces,
+            vec![
+                p(0, 8, Kind::Data),
+                p(8, 16, Kind::Zero),
+                p(24, 8, Kind::Data),
+                p(40, 22, Kind::Data)
+            ]
+        );
+        assert_eq!((a.data_bytes, a.zero_bytes), (38, 16));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use chainvault_nbd::client::ZeroRequest;
 use chainvault_nbd::Client;
 use indicatif::ProgressBar;
 
+use super::digests::SourceDigests;
 use super::plan::{Kind, Piece};
 use super::source::Source;
 
@@ -95,6 +96,11 @@ pub struct CopyConfig {
     /// The target has no backing chain: zeroes need not be written.
     pub fresh_target: bool,
     pub limit: Option<Arc<RateLimit>>,
+    /// Block digests of what is read (pieces start on block boundaries).
+    pub digests: Option<Arc<SourceDigests>>,
+    /// A test of the end-to-end check: the data piece holding this offset
+    /// is read and hashed but never written (`CHAINVAULT_FAULT_DROP_WRITE`).
+    pub drop_write_at: Option<u64>,
 }
 
 /// Whether `b` is all zero bytes. (OR-folding 4 KiB at a time lets the
@@ -160,6 +166,7 @@ pub async fn copy(
     let next = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let fresh = cfg.fresh_target;
+    let drop_at = cfg.drop_write_at;
     let mut set = tokio::task::JoinSet::new();
     for w in 0..cfg.in_flight.max(1) {
         let (source, targets, pieces) = (
@@ -174,6 +181,7 @@ pub async fn copy(
             bar.clone(),
         );
         let limit = cfg.limit.clone();
+        let digests = cfg.digests.clone();
         set.spawn(async move {
             let t = &targets[w % targets.len()];
             loop {
@@ -199,7 +207,14 @@ pub async fn copy(
                                     target_gone: false,
                                 })?;
                             counters.read.fetch_add(p.len, Ordering::Relaxed);
-                            write_piece(t, p.offset, &buf, fresh, &counters).await?;
+                            if let Some(d) = &digests {
+                                d.record(p.offset, &buf);
+                            }
+                            let dropped =
+                                drop_at.is_some_and(|o| o >= p.offset && o < p.offset + p.len);
+                            if !dropped {
+                                write_piece(t, p.offset, &buf, fresh, &counters).await?;
+                            }
                             bar.inc(p.len);
                         }
                         Kind::Zero => {
@@ -212,6 +227,9 @@ pub async fn copy(
                                     )
                                 })?;
                             counters.zeroed.fetch_add(p.len, Ordering::Relaxed);
+                            if let Some(d) = &digests {
+                                d.record_zero(p.offset, p.len);
+                            }
                         }
                     }
                     Ok::<(), CopyError>(())

@@ -14,6 +14,7 @@ use super::{
     cat, crash_point, lock, repo, validate_vm_name, Engine, EngineError, EngineResult, RunningDisk,
 };
 use crate::catalog::Change;
+use crate::digest::PointDigest;
 use crate::export::{now_ms, Activity, QcowExport};
 use crate::model::*;
 
@@ -218,6 +219,7 @@ impl Engine {
                     image: rel.to_string_lossy().into_owned(),
                     status: Status::Running,
                     change_id: None,
+                    digest: None,
                     bytes_transferred: None,
                     size_on_disk: None,
                     started_at: now.clone(),
@@ -346,10 +348,20 @@ impl Engine {
                 "disk_id is required: every disk of a backup completes on its own".into(),
             )
         })?;
+        let claimed = match req.digest.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(d) => Some(d.parse::<PointDigest>().map_err(EngineError::BadRequest)?),
+        };
         let span = info_span!("complete", backup = %backup_id, disk = disk_id);
-        self.complete_inner(backup_id, disk_id, change_id, req.bytes_transferred)
-            .instrument(span)
-            .await
+        self.complete_inner(
+            backup_id,
+            disk_id,
+            change_id,
+            req.bytes_transferred,
+            claimed,
+        )
+        .instrument(span)
+        .await
     }
 
     async fn complete_inner(
@@ -358,9 +370,10 @@ impl Engine {
         disk_id: u32,
         change_id: String,
         bytes: Option<u64>,
+        claimed: Option<PointDigest>,
     ) -> EngineResult<CompleteResponse> {
         // Phase 1: validate and claim.
-        let (export_name, chain) = {
+        let (export_name, chain, image_rel) = {
             let _op = self.op.lock().await;
             let backup = self
                 .catalog
@@ -383,6 +396,7 @@ impl Engine {
                             backup_id: backup_id.to_string(),
                             disk_id,
                             change_id,
+                            digest: disk.digest.clone(),
                             message: format!("disk {disk_id} of backup {backup_id} was already completed with this change_id"),
                             timestamp: disk.completed_at.unwrap_or_default(),
                             backup_status: backup.status,
@@ -420,7 +434,7 @@ impl Engine {
                 )));
             }
             r.completing = true;
-            (r.export_name.clone(), r.chain.clone())
+            (r.export_name.clone(), r.chain.clone(), disk.image.clone())
         };
 
         // Phase 2: close to writes, make durable, check. No engine lock held.
@@ -434,6 +448,24 @@ impl Engine {
                 lock(&self.running).remove(&(backup_id.to_string(), disk_id));
                 self.fail_locked(backup_id, &msg, Status::Failed).await?;
                 return Err(EngineError::Internal(msg));
+            }
+        };
+        // The block digests: the layer's file, the point's digest, and the
+        // comparison with the client's.
+        let digests = match self.digest_completed(&image_rel, claimed).await {
+            Ok(Ok(d)) => d,
+            Ok(Err(msg)) | Err(msg) => {
+                let mismatch = msg.starts_with("the stored disk does not match");
+                let _op = self.op.lock().await;
+                lock(&self.running).remove(&(backup_id.to_string(), disk_id));
+                self.fail_locked(backup_id, &msg, Status::Failed).await?;
+                return Err(if mismatch {
+                    EngineError::Conflict(format!(
+                        "disk {disk_id} of backup {backup_id} failed: {msg}; no change_id was recorded"
+                    ))
+                } else {
+                    EngineError::Internal(msg)
+                });
             }
         };
         crash_point("complete:after-check");
@@ -455,6 +487,7 @@ impl Engine {
         let now = now();
         disk.status = Status::Completed;
         disk.change_id = Some(change_id.clone());
+        disk.digest = Some(digests.digest.to_string());
         disk.bytes_transferred = bytes;
         disk.size_on_disk = Some(size_on_disk);
         disk.completed_at = Some(now.clone());
@@ -500,6 +533,7 @@ impl Engine {
             backup_id: backup_id.to_string(),
             disk_id,
             change_id,
+            digest: disk.digest.clone(),
             message: if backup.status == Status::Completed {
                 format!("disk {disk_id} completed; backup {backup_id} is complete")
             } else {

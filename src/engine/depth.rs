@@ -180,6 +180,14 @@ impl Engine {
                     std::fs::create_dir_all(dir).map_err(EngineError::internal)?;
                 }
                 repo::write_atomic(&mark, b"{}").map_err(EngineError::internal)?;
+                // The head's block digests become a whole file: true of the
+                // chain it reads now and of the full that replaces it.
+                crate::digest::file::write_whole(
+                    &img,
+                    &crate::digest::compute::layer_paths(&chain),
+                    chain.size(),
+                )
+                .map_err(EngineError::Internal)?;
                 super::crash_point("depth:before-rename");
                 std::fs::rename(&tmp, &img).map_err(EngineError::internal)?;
                 if let Some(dir) = img.parent() {

@@ -465,6 +465,7 @@ impl Engine {
                     image: rel.to_string_lossy().into_owned(),
                     status: Status::Running,
                     change_id: (i + 1 == n).then(|| req.change_id.clone()).flatten(),
+                    digest: None,
                     bytes_transferred: None,
                     size_on_disk: None,
                     started_at: created_at.clone(),

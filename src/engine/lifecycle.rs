@@ -165,6 +165,8 @@ pub fn finish_files(data: &Path, jpath: &Path, j: &Journal) -> Result<(), String
         (Action::RemoveLeaf, _) => repo::remove_point(&removed),
         (Action::CommitIntoParent, Some(child)) => {
             if removed.exists() {
+                // The child's block digests first: true before the copy and after.
+                crate::digest::file::merge_into_upper(child, &removed)?;
                 {
                     let src = Image::open(child, &OpenOptions::default())
                         .map_err(|e| qerr("opening the child", e))?;
@@ -199,6 +201,7 @@ pub fn finish_files(data: &Path, jpath: &Path, j: &Journal) -> Result<(), String
             if removed.exists() {
                 let hp = header_path(jpath);
                 if !hp.exists() {
+                    crate::digest::file::merge_into_upper(child, &removed)?;
                     {
                         let src = Image::open(&removed, &OpenOptions::default())
                             .map_err(|e| qerr("opening the removed point", e))?;

@@ -35,6 +35,7 @@
 
 mod backup;
 mod depth;
+pub mod digests;
 mod error;
 pub mod import;
 pub mod instant;

@@ -103,9 +103,13 @@ pub fn read_sidecar(path: &Path) -> Result<Sidecar, String> {
         .map_err(|e| format!("{}: not a chainvault sidecar: {e}", path.display()))
 }
 
-/// Remove an image and its sidecar (missing files are fine).
+/// Remove an image, its sidecar and its block digests (missing files are fine).
 pub fn remove_point(image_abs: &Path) {
-    for p in [image_abs.to_path_buf(), sidecar_of(image_abs)] {
+    for p in [
+        image_abs.to_path_buf(),
+        sidecar_of(image_abs),
+        crate::digest::file::path_of(image_abs),
+    ] {
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -9,6 +9,8 @@
 //! |---|---|
 //! | `vms/<vm>/disk<N>/<id>.qcow2` | a disk record of the catalog with that image |
 //! | `vms/<vm>/disk<N>/<id>.json` | the same record (it is that image's sidecar) |
+//! | `vms/<vm>/disk<N>/<id>.digests` | the same record (that image's block digests) |
+//! | `vms/<vm>/disk<N>/<id>.source-digests` | the same record, while its disk backup runs |
 //! | `journal/<id>-disk<N>.json` | itself: a removal to finish (never an orphan) |
 //! | `journal/<id>-disk<N>.header` | its journal |
 //! | `journal/<id>-disk<N>.flatten` | itself: a depth-limit rewrite to finish |
@@ -240,11 +242,11 @@ impl Engine {
 
     /// The orphans of the repository (see the module docs).
     pub fn orphans(&self) -> EngineResult<Vec<Orphan>> {
-        let known: HashSet<PathBuf> = self
-            .catalog
-            .all_disks()
-            .map_err(cat)?
+        let disks = self.catalog.all_disks().map_err(cat)?;
+        let known: HashSet<PathBuf> = disks.iter().map(|d| self.abs(&d.image)).collect();
+        let running: HashSet<PathBuf> = disks
             .iter()
+            .filter(|d| d.status == Status::Running)
             .map(|d| self.abs(&d.image))
             .collect();
         let named: HashSet<PathBuf> = super::instant::records(&self.data)
@@ -260,6 +262,12 @@ impl Engine {
             } else if name.ends_with(".json") {
                 (!known.contains(&f.with_extension("qcow2")))
                     .then_some("sidecar of an image without a catalog record")
+            } else if name.ends_with(".source-digests") {
+                (!running.contains(&f.with_extension("qcow2")))
+                    .then_some("a client's block digests for a disk backup that is not running")
+            } else if name.ends_with(".digests") {
+                (!known.contains(&f.with_extension("qcow2")))
+                    .then_some("block digests of an image without a catalog record")
             } else {
                 Some("not a file chainvault writes here")
             }

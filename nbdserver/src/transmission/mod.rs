@@ -77,10 +77,6 @@ struct Conn {
     pool: Arc<BufPool>,
 }
 
-/// Recycles write-payload buffers, so that a stream of large writes does not
-/// map, fault in and unmap fresh memory for every request. Bounded to
-/// [`POOL_MAX_BYTES`] per connection.
-
 /// Run the transmission phase until the client disconnects, the stream
 /// fails, or the server closes the connection.
 pub(crate) async fn run<S>(

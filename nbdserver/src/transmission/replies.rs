@@ -3,6 +3,9 @@
 
 use super::*;
 
+/// Recycles write-payload buffers, so that a stream of large writes does not
+/// map, fault in and unmap fresh memory for every request. Bounded to
+/// [`POOL_MAX_BYTES`] per connection.
 #[derive(Default)]
 pub(super) struct BufPool {
     pub(super) free: Mutex<Vec<Vec<u8>>>,

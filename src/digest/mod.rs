@@ -1,0 +1,238 @@
+//! Content digests of disks and points (docs/layout.md, "Block digests").
+//!
+//! A disk of `size` bytes is cut into blocks of [`BLOCK`] bytes (the last one
+//! may be shorter). Each block's digest is the SHA-256 of its bytes. The
+//! disk's digest is the SHA-256 of a 32-byte header (the domain string, the
+//! disk size, the block size) followed by every block digest in order. It is
+//! written `cvblk1-sha256:<64 hex digits>`.
+//!
+//! All-zero blocks are common and never hashed: their digest is a constant
+//! (the SHA-256 of that many zero bytes), so a reimplementation that hashes
+//! them gets the same result.
+//!
+//! | file | what it does |
+//! |---|---|
+//! | `mod.rs` | the construction: block digests, [`RootHasher`], [`PointDigest`] |
+//! | `file.rs` | the per-layer digest file and its reader; resolving a chain |
+//! | `compute.rs` | digests of a layer at completion, and of any source |
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::OnceLock;
+
+use sha2::{Digest as _, Sha256};
+
+pub mod compute;
+pub mod file;
+
+/// Bytes per block.
+pub const BLOCK: u64 = 64 << 10;
+/// The name of the construction, as it appears before the colon.
+pub const ALGORITHM: &str = "cvblk1-sha256";
+/// The first 16 bytes of the disk digest's header.
+const DOMAIN: &[u8; 16] = b"chainvault-cvb1\0";
+
+/// The SHA-256 of one block.
+pub type BlockDigest = [u8; 32];
+
+/// Blocks of a disk of `size` bytes.
+pub fn blocks(size: u64) -> u64 {
+    size.div_ceil(BLOCK)
+}
+
+/// Bytes of block `i` of a disk of `size` bytes.
+pub fn block_len(size: u64, i: u64) -> usize {
+    (size.saturating_sub(i * BLOCK)).min(BLOCK) as usize
+}
+
+/// The digest of `len` zero bytes; the full-block one is computed once.
+pub fn zero_digest(len: usize) -> BlockDigest {
+    static FULL: OnceLock<BlockDigest> = OnceLock::new();
+    if len == BLOCK as usize {
+        return *FULL.get_or_init(|| hash_bytes(&[0u8; BLOCK as usize]));
+    }
+    hash_bytes(&vec![0u8; len])
+}
+
+fn hash_bytes(b: &[u8]) -> BlockDigest {
+    Sha256::digest(b).into()
+}
+
+/// Whether `b` is all zero bytes.
+pub fn is_zero(b: &[u8]) -> bool {
+    b.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
+}
+
+/// The digest of one block's bytes.
+pub fn hash_block(b: &[u8]) -> BlockDigest {
+    if is_zero(b) {
+        zero_digest(b.len())
+    } else {
+        hash_bytes(b)
+    }
+}
+
+/// Hash every block of `buf`, which holds the disk's bytes from the start of
+/// block `first`: `out(i, digest)` for each.
+pub fn hash_blocks(size: u64, first: u64, buf: &[u8], mut out: impl FnMut(u64, BlockDigest)) {
+    let mut at = 0usize;
+    let mut i = first;
+    while at < buf.len() {
+        let n = block_len(size, i).min(buf.len() - at);
+        out(i, hash_block(&buf[at..at + n]));
+        at += n;
+        i += 1;
+    }
+}
+
+/// Builds a disk digest from its block digests, given in order.
+pub struct RootHasher {
+    h: Sha256,
+    size: u64,
+    next: u64,
+    zero_full: BlockDigest,
+}
+
+impl RootHasher {
+    pub fn new(size: u64) -> RootHasher {
+        let mut h = Sha256::new();
+        h.update(DOMAIN);
+        h.update(size.to_le_bytes());
+        h.update((BLOCK as u32).to_le_bytes());
+        h.update([0u8; 4]);
+        RootHasher {
+            h,
+            size,
+            next: 0,
+            zero_full: zero_digest(BLOCK as usize),
+        }
+    }
+
+    /// Blocks given so far.
+    pub fn next_block(&self) -> u64 {
+        self.next
+    }
+
+    /// The digest of the next block.
+    pub fn push(&mut self, d: &BlockDigest) {
+        self.h.update(d);
+        self.next += 1;
+    }
+
+    /// Zero blocks up to (not including) block `end`.
+    pub fn zeros_until(&mut self, end: u64) {
+        let end = end.min(blocks(self.size));
+        while self.next < end {
+            let len = block_len(self.size, self.next);
+            if len == BLOCK as usize {
+                self.h.update(self.zero_full);
+            } else {
+                self.h.update(zero_digest(len));
+            }
+            self.next += 1;
+        }
+    }
+
+    /// Block `i`'s digest, with zero blocks before it; `i` must not go back.
+    pub fn put(&mut self, i: u64, d: &BlockDigest) {
+        self.zeros_until(i);
+        self.push(d);
+    }
+
+    /// The disk's digest; blocks not given are zero blocks.
+    pub fn finish(mut self) -> PointDigest {
+        self.zeros_until(blocks(self.size));
+        PointDigest(self.h.finalize().into())
+    }
+}
+
+/// A disk digest, shown as `cvblk1-sha256:<hex>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PointDigest(pub [u8; 32]);
+
+impl fmt::Display for PointDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{ALGORITHM}:{}", hex(&self.0))
+    }
+}
+
+/// Lower-case hex of `b`.
+pub fn hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+impl FromStr for PointDigest {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let Some((alg, hx)) = s.split_once(':') else {
+            return Err(format!(
+                "digest {s:?} is not ALGORITHM:HEX (chainvault writes {ALGORITHM}:<64 hex digits>)"
+            ));
+        };
+        if alg != ALGORITHM {
+            return Err(format!(
+                "digest algorithm {alg:?} is not the one chainvault computes ({ALGORITHM}); \
+                 compute it with `chainvault digest` or the construction in docs/layout.md"
+            ));
+        }
+        if hx.len() != 64 || !hx.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(format!(
+                "digest {s:?}: {ALGORITHM} wants 64 hex digits after the colon"
+            ));
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&hx[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+        }
+        Ok(PointDigest(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_blocks_hash_like_their_bytes() {
+        assert_eq!(zero_digest(BLOCK as usize), hash_bytes(&[0u8; 65536]));
+        assert_eq!(hash_block(&[0u8; 100]), hash_bytes(&[0u8; 100]));
+        let mut b = vec![0u8; 65536];
+        b[65535] = 1;
+        assert_eq!(hash_block(&b), hash_bytes(&b));
+    }
+
+    #[test]
+    fn root_of_zero_disk_matches_explicit_hashing() {
+        let size = 3 * BLOCK + 512;
+        let mut h = Sha256::new();
+        h.update(b"chainvault-cvb1\0");
+        h.update(size.to_le_bytes());
+        h.update(65536u32.to_le_bytes());
+        h.update([0u8; 4]);
+        for i in 0..4 {
+            h.update(hash_bytes(&vec![0u8; block_len(size, i)]));
+        }
+        let want: [u8; 32] = h.finalize().into();
+        assert_eq!(RootHasher::new(size).finish().0, want);
+    }
+
+    #[test]
+    fn parse_and_show() {
+        let d = PointDigest([0xab; 32]);
+        let s = d.to_string();
+        assert!(s.starts_with("cvblk1-sha256:abab"));
+        assert_eq!(s.parse::<PointDigest>().unwrap(), d);
+        assert!("sha256:00"
+            .parse::<PointDigest>()
+            .unwrap_err()
+            .contains("algorithm"));
+        assert!("cvblk1-sha256:zz".parse::<PointDigest>().is_err());
+        assert!("nocolon".parse::<PointDigest>().is_err());
+    }
+}
