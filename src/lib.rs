@@ -4,6 +4,8 @@
 //! them: [`cli`] (clap commands), [`api`] (the HTTP control API), [`engine`],
 //! and, as the daemon grows, the catalog.
 
+#![recursion_limit = "256"]
+
 pub mod api;
 pub mod catalog;
 pub mod cli;

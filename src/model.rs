@@ -209,6 +209,9 @@ pub struct DiskBackupRecord {
     /// recorded with the change_id. None for points made before digests.
     #[serde(default)]
     pub digest: Option<String>,
+    /// The last deep verify of this point (`chainvault verify --deep`).
+    #[serde(default)]
+    pub deep_verify: Option<DeepVerifyResult>,
     pub bytes_transferred: Option<u64>,
     pub size_on_disk: Option<u64>,
     pub started_at: String,
@@ -509,6 +512,76 @@ pub struct Metrics {
     /// Free bytes of its file system.
     #[serde(default)]
     pub free_bytes: u64,
+}
+
+/// The outcome of one point's deep verify, kept with the point.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DeepVerifyResult {
+    /// When it ran (RFC 3339 UTC).
+    pub at: String,
+    /// Every block read back with its recorded digest.
+    pub ok: bool,
+    /// Disk offset of the first bad block, when one was found.
+    #[serde(default)]
+    pub first_bad_offset: Option<u64>,
+    /// What was wrong, in a sentence.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+impl DiskBackupRecord {
+    /// A deep verify found this point bad: it is never a parent.
+    pub fn is_bad(&self) -> bool {
+        self.deep_verify.as_ref().is_some_and(|v| !v.ok)
+    }
+}
+
+/// `POST /api/v1/verify/deep`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeepVerifyRequest {
+    /// Only this VM's points.
+    #[serde(default)]
+    pub vm_name: Option<String>,
+    /// Read at most this many MiB per second.
+    #[serde(default)]
+    pub rate_mib_s: Option<u64>,
+}
+
+/// A block whose bytes do not match its recorded digest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BadBlock {
+    pub vm_name: String,
+    pub disk_id: u32,
+    /// The point whose own layer holds the block.
+    pub backup_id: String,
+    /// Disk offset and length of the block.
+    pub offset: u64,
+    pub length: u64,
+    /// The image file that holds its bytes (relative to the repository),
+    /// and where in that file, when the block is stored data.
+    pub image: Option<String>,
+    pub host_offset: Option<u64>,
+    pub compressed: bool,
+    /// Later points that read this block through the chain.
+    pub affected: Vec<String>,
+    pub message: String,
+}
+
+/// What a deep verify found.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeepVerifyReport {
+    pub points_checked: u64,
+    pub points_bad: u64,
+    /// Points with no block digests to check against.
+    pub points_without_digests: u64,
+    pub blocks_checked: u64,
+    pub bytes_read: u64,
+    pub seconds: f64,
+    pub bad_blocks: Vec<BadBlock>,
+    /// Other findings (a point that cannot be read, digest files that do
+    /// not resolve to the recorded digest).
+    pub problems: Vec<String>,
 }
 
 /// What `chain verify` found.

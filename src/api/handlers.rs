@@ -220,6 +220,15 @@ pub async fn put_source_digests(
     Ok(Json(serde_json::json!({ "blocks": n })))
 }
 
+/// `POST /api/v1/verify/deep`: read every stored block of every point (or
+/// one VM's) and compare it with its block digest.
+pub async fn deep_verify(
+    State(st): State<AppState>,
+    ApiJson(req): ApiJson<DeepVerifyRequest>,
+) -> ApiResult<Json<DeepVerifyReport>> {
+    Ok(Json(st.engine.deep_verify(req).await?))
+}
+
 /// `GET /api/v1/backups/{id}`.
 pub async fn get_backup(
     State(st): State<AppState>,

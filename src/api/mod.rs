@@ -68,6 +68,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/gc"),
     ("get", "/api/v1/usage"),
     ("get", "/api/v1/verify"),
+    ("post", "/api/v1/verify/deep"),
     ("get", "/api/v1/openapi.json"),
     ("get", "/healthz"),
     ("get", "/metrics"),
@@ -139,6 +140,7 @@ pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
         .route("/api/v1/gc", post(lifecycle::gc))
         .route("/api/v1/usage", get(lifecycle::usage))
         .route("/api/v1/verify", get(handlers::verify))
+        .route("/api/v1/verify/deep", post(handlers::deep_verify))
         .route("/api/v1/openapi.json", get(handlers::openapi))
         .route("/healthz", get(handlers::healthz))
         .route("/metrics", get(handlers::metrics))

@@ -447,6 +447,35 @@ fn build_core() -> Value {
                         "backup_status": { "allOf": [r("Status")], "description": "Status of the whole backup after this completion." }
                     }
                 },
+                "DeepVerifyRequest": {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "properties": {
+                        "vm_name": { "type": ["string", "null"], "description": "Only this VM's points." },
+                        "rate_mib_s": { "type": ["integer", "null"], "minimum": 0, "description": "Read at most this many MiB/s (0 or absent: no limit)." }
+                    }
+                },
+                "DeepVerifyReport": {
+                    "type": "object",
+                    "properties": {
+                        "points_checked": { "type": "integer" },
+                        "points_bad": { "type": "integer" },
+                        "points_without_digests": { "type": "integer" },
+                        "blocks_checked": { "type": "integer" },
+                        "bytes_read": { "type": "integer" },
+                        "seconds": { "type": "number" },
+                        "bad_blocks": { "type": "array", "items": { "type": "object", "properties": {
+                            "vm_name": { "type": "string" }, "disk_id": { "type": "integer" },
+                            "backup_id": { "type": "string", "description": "The point whose own layer holds the block." },
+                            "offset": { "type": "integer" }, "length": { "type": "integer" },
+                            "image": { "type": ["string", "null"], "description": "The image file holding its bytes, relative to the repository." },
+                            "host_offset": { "type": ["integer", "null"] }, "compressed": { "type": "boolean" },
+                            "affected": { "type": "array", "items": { "type": "string" }, "description": "Later points that read this block through the chain." },
+                            "message": { "type": "string" }
+                        } } },
+                        "problems": { "type": "array", "items": { "type": "string" } }
+                    }
+                },
                 "FailRequest": {
                     "type": "object",
                     "properties": { "reason": { "type": ["string", "null"] } }
@@ -464,7 +493,7 @@ fn build_core() -> Value {
                 },
                 "DiskBackupRecord": {
                     "type": "object",
-                    "required": ["backup_id", "disk_id", "vm_name", "disk_key", "capacity_bytes", "mode", "reason", "parent_backup_id", "chain_id", "image", "status", "change_id", "digest", "bytes_transferred", "size_on_disk", "started_at", "completed_at", "error"],
+                    "required": ["backup_id", "disk_id", "vm_name", "disk_key", "capacity_bytes", "mode", "reason", "parent_backup_id", "chain_id", "image", "status", "change_id", "digest", "deep_verify", "bytes_transferred", "size_on_disk", "started_at", "completed_at", "error"],
                     "properties": {
                         "backup_id": { "type": "string" },
                         "disk_id": { "type": "integer", "minimum": 0 },
@@ -479,6 +508,7 @@ fn build_core() -> Value {
                         "status": r("Status"),
                         "change_id": nullable_string,
                         "digest": { "type": ["string", "null"], "description": "What the point reads, cvblk1-sha256:<hex> (docs/layout.md, \"Block digests\"); recorded with the change_id. Null for points made before chainvault kept digests, and for imports." },
+                        "deep_verify": { "type": ["object", "null"], "description": "The last deep verify of the point: at, ok, first_bad_offset, message. A point with ok false is never a parent.", "properties": { "at": { "type": "string" }, "ok": { "type": "boolean" }, "first_bad_offset": { "type": ["integer", "null"] }, "message": { "type": ["string", "null"] } } },
                         "bytes_transferred": { "type": ["integer", "null"] },
                         "size_on_disk": { "type": ["integer", "null"] },
                         "started_at": { "type": "string", "format": "date-time" },
@@ -689,6 +719,18 @@ fn build_core() -> Value {
                         ("400", "change_id missing or empty, disk_id missing, or another malformed field."),
                         ("404", "No backup with this id, or the backup has no such disk."),
                         ("409", "The disk is already completed, or the backup failed or was interrupted."),
+                        ("413", TOO_LARGE),
+                        ("415", BAD_TYPE)
+                    ])
+                }
+            },
+            "/api/v1/verify/deep": {
+                "post": {
+                    "operationId": "deepVerify",
+                    "summary": "Deep verify: read every block each point's own layer holds, through its chain, and compare it with its recorded block digest. Bad blocks are named (point, offset, image file and host offset, later points that read them); each point's result is kept (deep_verify in its record) and a bad point is never a parent again. Answers when done.",
+                    "requestBody": body("DeepVerifyRequest", json!({ "vm_name": "pgtest1", "rate_mib_s": 200 })),
+                    "responses": responses(ok("What was found.", r("DeepVerifyReport")), &[
+                        ("400", BAD_BODY),
                         ("413", TOO_LARGE),
                         ("415", BAD_TYPE)
                     ])

@@ -130,7 +130,7 @@ fn parse_status(s: &str) -> Result<Status, String> {
 // ---------------------------------------------------------------------------
 
 /// A daemon over HTTP, or the repository opened offline.
-pub(super) enum Source {
+pub enum Source {
     Http(HttpSource),
     Offline(Arc<Engine>),
 }
@@ -149,7 +149,7 @@ impl Source {
         }
     }
 
-    pub(super) fn open(a: &SourceArgs) -> anyhow::Result<Source> {
+    pub fn open(a: &SourceArgs) -> anyhow::Result<Source> {
         match &a.data {
             Some(dir) => {
                 let engine = Engine::open_offline(dir).with_context(|| {
@@ -222,7 +222,7 @@ impl Source {
 }
 
 /// A blocking HTTP client for the daemon's API.
-pub(super) struct HttpSource {
+pub struct HttpSource {
     base: String,
     token: Option<String>,
     agent: ureq::Agent,
@@ -246,7 +246,7 @@ impl HttpSource {
     }
 
     /// One request; `body` is sent as JSON. Errors say what the daemon said.
-    pub(super) fn call<T: DeserializeOwned>(
+    pub fn call<T: DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
@@ -684,6 +684,7 @@ mod tests {
                 )
             }),
             digest: None,
+            deep_verify: None,
             bytes_transferred: None,
             size_on_disk: (status == Status::Completed).then_some(43 << 20),
             started_at: "2025-03-01T02:00:00.123456Z".into(),

@@ -12,6 +12,7 @@ pub mod policy;
 pub mod restore;
 pub mod serve;
 pub mod space;
+pub mod verify;
 
 use clap::{Parser, Subcommand};
 
@@ -74,6 +75,9 @@ pub enum Command {
     /// Print the content digest (cvblk1-sha256:HEX) of a raw file, block
     /// device, qcow2 image or chain, or NBD export, to compare with a point's.
     Digest(digest::DigestArgs),
+    /// Check the repository (as `chain verify`); with --deep, read every
+    /// stored block of every point and compare it with its block digest.
+    Verify(verify::VerifyArgs),
 }
 
 /// Where the daemon is, for commands that talk to it.
@@ -133,5 +137,6 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Restore(a) => restore::run(a),
         Command::Restores(c) => restore::run_restores(c),
         Command::Digest(a) => digest::run(a),
+        Command::Verify(a) => verify::run(a),
     }
 }

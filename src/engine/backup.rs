@@ -144,6 +144,23 @@ impl Engine {
                     let img = repo::image_rel(&vm_name, disk.disk_id, &h.head_backup_id);
                     self.data.join(img).exists()
                 });
+                // A head that failed deep verify is never built on.
+                let bad_head = match &head {
+                    Some(h) => self
+                        .catalog
+                        .disk(&h.head_backup_id, disk.disk_id)
+                        .map_err(cat)?
+                        .filter(|d| d.is_bad())
+                        .map(|d| {
+                            format!(
+                                "the newest point {} failed deep verify ({}); a full starts a new chain",
+                                d.backup_id,
+                                d.deep_verify.and_then(|v| v.message).unwrap_or_default()
+                            )
+                        }),
+                    None => None,
+                };
+                let head = if bad_head.is_some() { None } else { head };
                 let (mode, reason, parent, chain_id, prev_change) = match (asked, &head) {
                     (BackupType::Incremental, Some(h)) => (
                         BackupType::Incremental,
@@ -154,7 +171,9 @@ impl Engine {
                     ),
                     (BackupType::Incremental, None) => (
                         BackupType::Full,
-                        Some("no completed backup of this disk to build on".to_string()),
+                        Some(bad_head.clone().unwrap_or_else(|| {
+                            "no completed backup of this disk to build on".to_string()
+                        })),
                         None,
                         format!("c-{}", repo::random_hex(6)),
                         String::new(),
@@ -220,6 +239,7 @@ impl Engine {
                     status: Status::Running,
                     change_id: None,
                     digest: None,
+                    deep_verify: None,
                     bytes_transferred: None,
                     size_on_disk: None,
                     started_at: now.clone(),

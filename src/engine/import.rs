@@ -466,6 +466,7 @@ impl Engine {
                     status: Status::Running,
                     change_id: (i + 1 == n).then(|| req.change_id.clone()).flatten(),
                     digest: None,
+                    deep_verify: None,
                     bytes_transferred: None,
                     size_on_disk: None,
                     started_at: created_at.clone(),

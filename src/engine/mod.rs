@@ -30,6 +30,8 @@
 //! | `depth.rs` | the chain depth limit |
 //! | `import.rs` | adopting existing qcow2 files as points |
 //! | `instant.rs` | instant recovery: writable restores through scratch overlays |
+//! | `digests.rs` | block digests at completion: the client's upload, the comparison |
+//! | `scrub.rs` | deep verify: every stored block against its digest, bad blocks named |
 //! | `space.rs` | usage, orphans, gc |
 //! | `repo.rs` | the repository's paths, sidecars, atomic writes, ids |
 
@@ -45,6 +47,7 @@ mod reads;
 mod recovery;
 pub mod repo;
 pub mod retention;
+mod scrub;
 pub mod space;
 
 use std::collections::HashMap;

@@ -21,6 +21,21 @@ impl Engine {
     ) -> EngineResult<ChangeIdResponse> {
         validate_vm_name(vm_name)?;
         let head = self.catalog.head(vm_name, disk_id).map_err(cat)?;
+        if let Some(h) = &head {
+            let bad = self.catalog.disk(&h.head_backup_id, disk_id).map_err(cat)?;
+            if let Some(d) = bad.filter(|d| d.is_bad()) {
+                return Ok(ChangeIdResponse {
+                    vm_name: vm_name.to_string(),
+                    disk_id,
+                    change_id: String::new(),
+                    backup_id: String::new(),
+                    message: format!(
+                        "the last backup of disk {disk_id} ({}) failed deep verify: the next backup is a full",
+                        d.backup_id
+                    ),
+                });
+            }
+        }
         Ok(match head {
             Some(h) => ChangeIdResponse {
                 vm_name: vm_name.to_string(),

@@ -1,0 +1,232 @@
+//! Deep verify (`chainvault verify --deep`, `POST /api/v1/verify/deep`):
+//! in a chain of 5 points, one byte flipped in a data cluster of each layer
+//! in turn (and in an L2 table) is found, named (point, offset, image file,
+//! host offset, the later points that read it), kept with the point, and the
+//! next backup of the disk does not build on a bad head.
+
+mod client_common;
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use client_common::*;
+use common::*;
+
+fn deep(d: &Daemon, extra: &[&str]) -> (i32, Value) {
+    let mut c = cmd(BIN, &["verify", "--deep", "--json", "--server", &d.api]);
+    c.args(extra);
+    let out = run(c);
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("verify --deep --json: {e}: {}", text(&out.stderr)));
+    (out.status.code().unwrap_or(-1), v)
+}
+
+/// `qemu-img map` of one image: (guest offset, length, host offset) of the
+/// data its own layer holds.
+fn own_data(img: &Path) -> Vec<(u64, u64, u64)> {
+    let out = run_ok(cmd(
+        "qemu-img",
+        &["map", "--output=json", "-f", "qcow2", &p(img)],
+    ));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == 0 && e["data"] == true && e["offset"].is_u64())
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["offset"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn flip(path: &Path, at: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, at).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn a_flipped_byte_in_any_layer_is_found_named_and_kept() {
+    client_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("data"));
+    let q = tmp.path().join("q.qcow2");
+    make_vm_disk(&q, 64 * MIB, 16, 21);
+    let mut ids = Vec::new();
+    for i in 0..5u64 {
+        if i > 0 {
+            qemu_io_modify(&q, 900 + i, 12, 1);
+        }
+        let r = backup(&d, "vm", &[p(&q)], &["--rotate"]).ok(&format!("backup {i}"));
+        ids.push(s(&r.json["backup_id"]));
+    }
+    let (code, clean) = deep(&d, &[]);
+    assert_eq!(
+        code,
+        0,
+        "a clean repository verifies clean: {}",
+        pretty(&clean)
+    );
+    assert_eq!(clean["points_checked"], 5);
+    assert!(clean["bad_blocks"].as_array().unwrap().is_empty());
+
+    for (k, id) in ids.iter().enumerate() {
+        let img = d.image_of(id, 0);
+        // A data cluster this layer holds, 100 bytes into it.
+        let (guest, _, host) = own_data(&img)[0];
+        let at_guest = guest + 100;
+        flip(&img, host + 100);
+        let (code, rep) = deep(&d, &["--vm", "vm"]);
+        assert_ne!(code, 0, "layer {k}: the flip must fail the verify");
+        let bad = rep["bad_blocks"].as_array().unwrap();
+        assert_eq!(bad.len(), 1, "layer {k}: one bad block: {}", pretty(&rep));
+        let b = &bad[0];
+        assert_eq!(b["backup_id"], id.as_str(), "layer {k}: the point named");
+        assert_eq!(
+            b["offset"].as_u64().unwrap(),
+            at_guest / 65536 * 65536,
+            "layer {k}: the offset"
+        );
+        assert!(
+            s(&b["image"]).ends_with(&format!("{id}.qcow2")),
+            "layer {k}: the image file: {b}"
+        );
+        assert_eq!(
+            b["host_offset"].as_u64().unwrap(),
+            host + (at_guest / 65536 * 65536 - guest),
+            "layer {k}"
+        );
+        // The later points that read it: those above with no write of that
+        // block of their own (what qemu-img map says each reads from).
+        let want: Vec<String> = ids
+            .iter()
+            .enumerate()
+            .skip(k + 1)
+            .filter(|(j, later)| {
+                let top = d.image_of(later, 0);
+                let out = run_ok(cmd(
+                    "qemu-img",
+                    &["map", "--output=json", "-f", "qcow2", &p(&top)],
+                ));
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                v.as_array().unwrap().iter().any(|e| {
+                    let (st, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+                    st <= at_guest
+                        && at_guest < st + len
+                        && e["depth"].as_u64() == Some((j - k) as u64)
+                })
+            })
+            .map(|(_, id)| id.clone())
+            .collect();
+        let got: Vec<String> = b["affected"].as_array().unwrap().iter().map(s).collect();
+        assert_eq!(
+            got, want,
+            "layer {k}: the later points that read the bad block"
+        );
+        // The result is kept with the point.
+        let rec = disk_of(&d.backup(id), 0);
+        assert_eq!(rec["deep_verify"]["ok"], false, "{}", pretty(&rec));
+        assert_eq!(
+            rec["deep_verify"]["first_bad_offset"].as_u64().unwrap(),
+            at_guest / 65536 * 65536
+        );
+        flip(&img, host + 100); // mended
+    }
+    let (code, rep) = deep(&d, &[]);
+    assert_eq!(code, 0, "mended: {}", pretty(&rep));
+    assert_eq!(disk_of(&d.backup(&ids[4]), 0)["deep_verify"]["ok"], true);
+
+    // An L2 table entry: the first one in use of the head's first L2 table
+    // points 64 KiB elsewhere.
+    let head = d.image_of(&ids[4], 0);
+    let f = std::fs::File::open(&head).unwrap();
+    let mut hd = [0u8; 104];
+    f.read_exact_at(&mut hd, 0).unwrap();
+    let be = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
+    let cluster_bits = u32::from_be_bytes(hd[20..24].try_into().unwrap());
+    let l1 = be(&hd[40..48]);
+    let extended = be(&hd[72..80]) & (1 << 4) != 0;
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, l1).unwrap();
+    let l2 = be(&e) & 0x00ff_ffff_ffff_fe00;
+    let entry = if extended { 16 } else { 8 };
+    let slot = (0..(1u64 << cluster_bits) / entry)
+        .map(|i| l2 + i * entry)
+        .find(|&o| {
+            let mut x = [0u8; 8];
+            f.read_exact_at(&mut x, o).unwrap();
+            be(&x) & 0x00ff_ffff_ffff_fe00 != 0
+        })
+        .expect("an L2 entry in use");
+    drop(f);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(&head)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, slot + 5).unwrap();
+    b[0] ^= 0x01;
+    f.write_all_at(&b, slot + 5).unwrap();
+    drop(f);
+    let (code, rep) = deep(&d, &[]);
+    assert_ne!(
+        code,
+        0,
+        "a damaged L2 entry fails the verify: {}",
+        pretty(&rep)
+    );
+    assert_eq!(rep["points_bad"].as_u64().unwrap(), 1, "{}", pretty(&rep));
+    assert_eq!(disk_of(&d.backup(&ids[4]), 0)["deep_verify"]["ok"], false);
+
+    // The bad head is never a parent: the next backup is a full.
+    qemu_io_modify(&q, 999, 4, 0);
+    let r = backup(&d, "vm", &[p(&q)], &["--rotate"]).ok("after the bad head");
+    let d0 = r.disk(0);
+    assert_eq!(d0["mode"], "full", "{}", pretty(&r.json));
+    assert_eq!(s(&d0["digest"]), cv_digest_of(&q));
+}
+
+fn cv_digest_of(path: &Path) -> String {
+    let out = run_ok(cmd(BIN, &["digest", "--json", &p(path)]));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    s(&v["digest"])
+}
+
+#[test]
+fn the_rate_limit_holds_and_the_api_takes_bad_input_as_4xx() {
+    client_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("data"));
+    let q = tmp.path().join("q.qcow2");
+    make_vm_disk(&q, 64 * MIB, 24, 4);
+    backup(&d, "vm", &[p(&q)], &["--rotate"]).ok("full");
+    let t0 = std::time::Instant::now();
+    let (code, rep) = deep(&d, &["--rate", "16"]);
+    assert_eq!(code, 0, "{}", pretty(&rep));
+    let read = rep["bytes_read"].as_u64().unwrap();
+    assert!(read >= 24 * MIB, "read {read}");
+    // 24 MiB at 16 MiB/s: at least a second.
+    assert!(
+        t0.elapsed().as_secs_f64() >= 1.0,
+        "{:?} for {read} bytes",
+        t0.elapsed()
+    );
+    let r = d.post("/api/v1/verify/deep", &json!({"vm_name": "vm", "bogus": 1}));
+    assert_error("unknown field", &r, 400);
+    assert_error_body("unknown field", &r);
+    let r = d.post("/api/v1/verify/deep", &json!({"rate_mib_s": "fast"}));
+    assert_error("bad rate", &r, 400);
+}
