@@ -512,6 +512,9 @@ pub struct Metrics {
     /// Free bytes of its file system.
     #[serde(default)]
     pub free_bytes: u64,
+    /// Completed points by deep-verify outcome: (never, ok, bad).
+    #[serde(default)]
+    pub deep_verify: (u64, u64, u64),
 }
 
 /// The outcome of one point's deep verify, kept with the point.

@@ -190,6 +190,22 @@ fn a_flipped_byte_in_any_layer_is_found_named_and_kept() {
     );
     assert_eq!(rep["points_bad"].as_u64().unwrap(), 1, "{}", pretty(&rep));
     assert_eq!(disk_of(&d.backup(&ids[4]), 0)["deep_verify"]["ok"], false);
+    let m = s(&d.get("/metrics").1["__non_json_body"]);
+    assert!(
+        m.contains("chainvault_points_deep_verify{result=\"bad\"} 1"),
+        "{m}"
+    );
+    let show = run_ok(cmd(
+        BIN,
+        &[
+            "chain", "show", "--server", &d.api, "--vm", "vm", "--disk", "0",
+        ],
+    ));
+    assert!(
+        text(&show.stdout).contains("deep verify") && text(&show.stdout).contains("BAD"),
+        "{}",
+        text(&show.stdout)
+    );
 
     // The bad head is never a parent: the next backup is a full.
     qemu_io_modify(&q, 999, 4, 0);

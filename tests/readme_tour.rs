@@ -185,6 +185,10 @@ fn readme_tour_runs_verbatim() {
         "the point, the restored disk and the source digest differently: {last3:?}\n{show}"
     );
     assert!(
+        stdout.contains("point(s) checked, 0 bad"),
+        "verify --deep:\n{show}"
+    );
+    assert!(
         stdout.contains("Q3 figures: 42"),
         "the deleted report was not copied out of the first point:\n{show}"
     );

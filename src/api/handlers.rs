@@ -435,6 +435,21 @@ pub fn render_metrics(m: &Metrics) -> String {
     let _ = writeln!(out, "chainvault_repository_free_bytes {}", m.free_bytes);
     let _ = writeln!(
         out,
+        "# HELP chainvault_points_deep_verify Completed points by the outcome of their last deep verify."
+    );
+    let _ = writeln!(out, "# TYPE chainvault_points_deep_verify gauge");
+    for (label, n) in [
+        ("never", m.deep_verify.0),
+        ("ok", m.deep_verify.1),
+        ("bad", m.deep_verify.2),
+    ] {
+        let _ = writeln!(
+            out,
+            "chainvault_points_deep_verify{{result=\"{label}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP chainvault_vm_bytes Bytes the images of a VM occupy."
     );
     let _ = writeln!(out, "# TYPE chainvault_vm_bytes gauge");
@@ -486,6 +501,7 @@ mod tests {
             vms: vec![("web01".into(), 1000, 3)],
             repository_bytes: 5000,
             free_bytes: 9000,
+            deep_verify: (1, 2, 3),
         };
         let t = render_metrics(&m);
         assert!(
@@ -494,6 +510,10 @@ mod tests {
         );
         assert!(t.contains("chainvault_vm_points{vm=\"web01\"} 3\n"), "{t}");
         assert!(t.contains("chainvault_repository_free_bytes 9000\n"), "{t}");
+        assert!(
+            t.contains("chainvault_points_deep_verify{result=\"bad\"} 3\n"),
+            "{t}"
+        );
         assert!(
             t.contains("chainvault_backups{status=\"completed\"} 3\n"),
             "{t}"

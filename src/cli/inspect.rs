@@ -641,6 +641,17 @@ pub fn render_chain(c: &ChainView) -> String {
             if let Some(d) = &p.digest {
                 out.push_str(&format!("{cont}   digest {d}\n"));
             }
+            if let Some(v) = &p.deep_verify {
+                out.push_str(&format!(
+                    "{cont}   deep verify {}: {}\n",
+                    v.at,
+                    if v.ok {
+                        "ok".to_string()
+                    } else {
+                        format!("BAD ({})", v.message.as_deref().unwrap_or("bad blocks"))
+                    }
+                ));
+            }
             if let Some(r) = &p.reason {
                 if !(gi > 0 && i == 0) {
                     out.push_str(&format!("{cont}   reason: {r}\n"));

@@ -120,6 +120,31 @@ async fn run_async(a: RestoreArgs) -> anyhow::Result<u8> {
             .filter_map(|n| point.disks.iter().find(|d| d.disk_id == *n).cloned())
             .collect()
     };
+    // A point that failed deep verify, or reads through one that did, may
+    // hold bad blocks: say so before reading it.
+    for d in &disks {
+        let mut cur = Some(d.clone());
+        while let Some(c) = cur {
+            if let Some(v) = c.deep_verify.as_ref().filter(|v| !v.ok) {
+                eprintln!(
+                    "warning: disk {} of {} reads through point {}, which failed deep verify at {} ({}); \
+                     restored bytes may be wrong where it is bad (chainvault verify --deep names the blocks)",
+                    d.disk_id,
+                    point.backup.backup_id,
+                    c.backup_id,
+                    v.at,
+                    v.message.as_deref().unwrap_or("bad blocks")
+                );
+                break;
+            }
+            cur = c.parent_backup_id.as_ref().and_then(|pid| {
+                backups
+                    .iter()
+                    .find(|b| b.backup.backup_id == *pid)
+                    .and_then(|b| b.disks.iter().find(|x| x.disk_id == d.disk_id).cloned())
+            });
+        }
+    }
     if a.instant {
         return instant(&a, &source, &point, &disks);
     }

@@ -307,7 +307,18 @@ impl Engine {
         };
         let restores = lock(&self.restores).len() as u64;
         let usage = self.usage(None, false).ok();
+        let mut verified = (0, 0, 0);
+        for d in self.catalog.all_disks().unwrap_or_default() {
+            if d.status == Status::Completed {
+                match &d.deep_verify {
+                    None => verified.0 += 1,
+                    Some(v) if v.ok => verified.1 += 1,
+                    Some(_) => verified.2 += 1,
+                }
+            }
+        }
         Metrics {
+            deep_verify: verified,
             backups_by_status,
             bytes_received: self.bytes_received.load(Ordering::Relaxed) + live,
             active_exports: running + restores,
