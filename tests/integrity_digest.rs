@@ -202,6 +202,32 @@ fn fifty_seeded_backups_agree_end_to_end() {
 }
 
 #[test]
+fn a_full_of_a_large_disk_uploads_more_than_a_mebibyte_of_digests() {
+    client_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("data"));
+    // 2000 MiB of random data in a 2 GiB sparse raw file: 32000 blocks, 1.28 MB of
+    // digests to upload, past the API's 1 MiB limit for JSON bodies.
+    let r = tmp.path().join("big.raw");
+    std::fs::File::create(&r)
+        .unwrap()
+        .set_len(2048 * MIB)
+        .unwrap();
+    run_ok(cmd(
+        "dd",
+        &[
+            "if=/dev/urandom",
+            &format!("of={}", p(&r)),
+            "bs=1M",
+            "count=2000",
+            "conv=notrunc",
+            "status=none",
+        ],
+    ));
+    backup_and_check(&d, "big", &p(&r), &[], &p(&r), "a 2 GiB full");
+}
+
+#[test]
 fn a_dropped_write_fails_the_disk_at_its_first_block() {
     client_tools();
     let tmp = tempfile::tempdir().unwrap();

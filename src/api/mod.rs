@@ -171,7 +171,13 @@ async fn declared_length(req: Request, next: Next) -> Response {
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|n| n > BODY_LIMIT_BYTES as u64) {
+    // Source-digest uploads have their own, larger limit (the route's).
+    let limit = if req.uri().path().ends_with("/source-digests") {
+        handlers::SOURCE_DIGESTS_LIMIT
+    } else {
+        BODY_LIMIT_BYTES
+    };
+    if declared.is_some_and(|n| n > limit as u64) {
         let mut resp = ApiError::new(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,
             format!(
