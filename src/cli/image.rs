@@ -465,9 +465,7 @@ fn cmd_convert(a: ConvertArgs) -> anyhow::Result<u8> {
 
 const CHUNK: u64 = 4 << 20;
 
-fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
-}
+use crate::digest::is_zero;
 
 /// Data extents of `src`, coalesced, in pieces of at most CHUNK.
 fn data_pieces(src: &Chain, pos: u64, len: u64) -> anyhow::Result<Vec<(u64, u64)>> {

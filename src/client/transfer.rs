@@ -103,12 +103,7 @@ pub struct CopyConfig {
     pub drop_write_at: Option<u64>,
 }
 
-/// Whether `b` is all zero bytes. (OR-folding 4 KiB at a time lets the
-/// compiler vectorise it and still stops early on data.)
-pub fn is_zero(b: &[u8]) -> bool {
-    b.chunks(4096)
-        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
-}
+pub use crate::digest::is_zero;
 
 /// Write `buf` (read at `offset`) to `t`: data runs as writes, all-zero
 /// blocks as write-zeroes or not at all.

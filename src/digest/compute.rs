@@ -19,59 +19,51 @@ const WINDOW: usize = 64;
 /// Ranges of blocks `[start, end)`, ascending and disjoint.
 pub type Runs = Vec<(u64, u64)>;
 
-fn push_run(runs: &mut Runs, a: u64, b: u64) {
+/// Add `[a, b)` to ascending `runs`, joining it to the last run it touches.
+pub fn push_run(runs: &mut Runs, a: u64, b: u64) {
     match runs.last_mut() {
         Some(l) if l.1 >= a => l.1 = l.1.max(b),
         _ => runs.push((a, b)),
     }
 }
 
+/// The blocks touched by the extents `keep` selects.
+fn block_runs(ext: &[chainvault_qcow::Extent], keep: impl Fn(ExtentKind) -> bool) -> Runs {
+    let mut runs = Runs::new();
+    for e in ext.iter().filter(|e| e.length > 0 && keep(e.kind)) {
+        push_run(
+            &mut runs,
+            e.offset / BLOCK,
+            (e.offset + e.length).div_ceil(BLOCK),
+        );
+    }
+    runs
+}
+
 /// The blocks the top layer of `chain` holds anything for (data or zero
 /// clusters, whole or in part).
 pub fn own_blocks(chain: &Chain) -> Result<Runs, String> {
     let size = chain.size();
-    let mut runs = Runs::new();
     let Some(img) = chain.top_image() else {
         // A raw top layer holds every block.
-        push_run(&mut runs, 0, blocks(size));
-        return Ok(runs);
+        return Ok(vec![(0, blocks(size))]);
     };
     let ext = img
         .block_status(0, size)
         .map_err(|e| format!("reading the allocation of {}: {e}", img.path().display()))?;
-    for e in ext {
-        if e.kind != ExtentKind::Unallocated && e.length > 0 {
-            push_run(
-                &mut runs,
-                e.offset / BLOCK,
-                (e.offset + e.length).div_ceil(BLOCK),
-            );
-        }
-    }
-    Ok(runs)
+    Ok(block_runs(&ext, |k| k != ExtentKind::Unallocated))
 }
 
 /// The blocks that hold data anywhere in `chain` (zero and unallocated
 /// ranges of every layer are zero blocks, and need not be read).
 pub fn data_blocks(chain: &Chain) -> Result<Runs, String> {
-    let size = chain.size();
-    let mut runs = Runs::new();
-    let ext = chain.block_status(0, size).map_err(|e| {
+    let ext = chain.block_status(0, chain.size()).map_err(|e| {
         format!(
             "reading the allocation of {}: {e}",
             chain.top().path().display()
         )
     })?;
-    for e in ext {
-        if e.kind == ExtentKind::Data && e.length > 0 {
-            push_run(
-                &mut runs,
-                e.offset / BLOCK,
-                (e.offset + e.length).div_ceil(BLOCK),
-            );
-        }
-    }
-    Ok(runs)
+    Ok(block_runs(&ext, |k| k == ExtentKind::Data))
 }
 
 /// The digests of one batch of blocks, or why it could not be read.

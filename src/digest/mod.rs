@@ -58,7 +58,9 @@ fn hash_bytes(b: &[u8]) -> BlockDigest {
     Sha256::digest(b).into()
 }
 
-/// Whether `b` is all zero bytes.
+/// Whether `b` is all zero bytes. (OR-folding 4 KiB at a time lets the
+/// compiler vectorise it and still stops early on data.) The one copy: the
+/// transfer client, the restore and `image convert` use it too.
 pub fn is_zero(b: &[u8]) -> bool {
     b.chunks(4096)
         .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)

@@ -400,13 +400,7 @@ impl Engine {
                 .backup(backup_id)
                 .map_err(cat)?
                 .ok_or_else(|| EngineError::not_found("backup", backup_id))?;
-            let disk = self
-                .catalog
-                .disk(backup_id, disk_id)
-                .map_err(cat)?
-                .ok_or_else(|| {
-                    EngineError::not_found("disk", format!("{disk_id} of backup {backup_id}"))
-                })?;
+            let disk = self.disk_record(backup_id, disk_id)?;
             match disk.status {
                 Status::Completed => {
                     let stored = disk.change_id.clone().unwrap_or_default();
@@ -492,13 +486,7 @@ impl Engine {
 
         // Phase 3: one transaction records it all.
         let _op = self.op.lock().await;
-        let mut disk = self
-            .catalog
-            .disk(backup_id, disk_id)
-            .map_err(cat)?
-            .ok_or_else(|| {
-                EngineError::not_found("disk", format!("{disk_id} of backup {backup_id}"))
-            })?;
+        let mut disk = self.disk_record(backup_id, disk_id)?;
         let mut backup = self
             .catalog
             .backup(backup_id)

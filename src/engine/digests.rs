@@ -8,7 +8,7 @@ use std::sync::Arc;
 use chainvault_qcow::Chain;
 use tracing::info;
 
-use super::{cat, repo, Engine, EngineError, EngineResult};
+use super::{repo, Engine, EngineError, EngineResult};
 use crate::digest::compute::{self, LayerDigests};
 use crate::digest::file::{Kind, Reader, Resolved};
 use crate::digest::{block_len, hex, zero_digest, PointDigest, BLOCK};
@@ -66,13 +66,7 @@ impl Engine {
         disk_id: u32,
         body: Vec<u8>,
     ) -> EngineResult<u64> {
-        let disk = self
-            .catalog
-            .disk(backup_id, disk_id)
-            .map_err(cat)?
-            .ok_or_else(|| {
-                EngineError::not_found("disk", format!("{disk_id} of backup {backup_id}"))
-            })?;
+        let disk = self.disk_record(backup_id, disk_id)?;
         if disk.status != Status::Running {
             return Err(EngineError::Conflict(format!(
                 "disk {disk_id} of backup {backup_id} is {}: source digests are taken only while it runs",
@@ -165,13 +159,7 @@ impl Engine {
     /// digests as a whole digest file (docs/layout.md), for a client that
     /// builds an incremental on it.
     pub async fn point_digests(&self, backup_id: &str, disk_id: u32) -> EngineResult<Vec<u8>> {
-        let disk = self
-            .catalog
-            .disk(backup_id, disk_id)
-            .map_err(cat)?
-            .ok_or_else(|| {
-                EngineError::not_found("disk", format!("{disk_id} of backup {backup_id}"))
-            })?;
+        let disk = self.disk_record(backup_id, disk_id)?;
         if disk.status != Status::Completed {
             return Err(EngineError::Conflict(format!(
                 "disk {disk_id} of backup {backup_id} is {}; only completed points have digests",

@@ -331,6 +331,16 @@ impl Engine {
         Ok(())
     }
 
+    /// One disk of a backup, or 404 naming both.
+    fn disk_record(&self, backup_id: &str, disk_id: u32) -> EngineResult<DiskBackupRecord> {
+        self.catalog
+            .disk(backup_id, disk_id)
+            .map_err(cat)?
+            .ok_or_else(|| {
+                EngineError::not_found("disk", format!("{disk_id} of backup {backup_id}"))
+            })
+    }
+
     fn abs(&self, rel: &str) -> PathBuf {
         self.data.join(rel)
     }

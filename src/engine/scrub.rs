@@ -36,12 +36,9 @@ fn listed(image: &Path) -> Result<Option<Vec<u64>>, String> {
 }
 
 fn runs_of(idx: &[u64]) -> Runs {
-    let mut runs: Runs = Vec::new();
+    let mut runs = Runs::new();
     for &i in idx {
-        match runs.last_mut() {
-            Some(l) if l.1 == i => l.1 += 1,
-            _ => runs.push((i, i + 1)),
-        }
+        compute::push_run(&mut runs, i, i + 1);
     }
     runs
 }
@@ -49,12 +46,9 @@ fn runs_of(idx: &[u64]) -> Runs {
 fn merge_runs(a: &Runs, b: &Runs) -> Runs {
     let mut all: Vec<(u64, u64)> = a.iter().chain(b.iter()).copied().collect();
     all.sort();
-    let mut out: Runs = Vec::new();
+    let mut out = Runs::new();
     for (s, e) in all {
-        match out.last_mut() {
-            Some(l) if l.1 >= s => l.1 = l.1.max(e),
-            _ => out.push((s, e)),
-        }
+        compute::push_run(&mut out, s, e);
     }
     out
 }

@@ -243,10 +243,7 @@ struct Counters {
     skipped: AtomicU64,
 }
 
-fn is_zero(b: &[u8]) -> bool {
-    b.chunks(4096)
-        .all(|c| c.iter().fold(0u8, |a, &x| a | x) == 0)
-}
+use crate::digest::is_zero;
 
 /// Write `buf` read at `off`: data as writes, all-zero blocks as zeroes.
 /// Hands the buffer back for the next read.
