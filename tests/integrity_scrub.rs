@@ -142,6 +142,9 @@ fn a_flipped_byte_in_any_layer_is_found_named_and_kept() {
             rec["deep_verify"]["first_bad_offset"].as_u64().unwrap(),
             at_guest / 65536 * 65536
         );
+        if k == 1 {
+            mount_warns(&tmp.path().join("mnt"), &d, &ids, 1);
+        }
         flip(&img, host + 100); // mended
     }
     let (code, rep) = deep(&d, &[]);
@@ -213,6 +216,188 @@ fn a_flipped_byte_in_any_layer_is_found_named_and_kept() {
     let d0 = r.disk(0);
     assert_eq!(d0["mode"], "full", "{}", pretty(&r.json));
     assert_eq!(s(&d0["digest"]), cv_digest_of(&q));
+}
+
+/// Mount the repository: the point `ids[bad]` and every later one (each
+/// reads through it) hold WARNING.txt naming it; the earlier ones do not.
+fn mount_warns(mnt: &Path, d: &Daemon, ids: &[String], bad: usize) {
+    let data = p(&d.data);
+    let m = Mount::start(mnt, &["--data", &data]);
+    for (j, id) in ids.iter().enumerate() {
+        let dir = m.dir.join("by-id").join(id).join("disk0");
+        assert!(dir.join("info.json").exists(), "{}", dir.display());
+        let w = dir.join("WARNING.txt");
+        if j < bad {
+            assert!(!w.exists(), "point {j} reads no bad point: {}", w.display());
+            continue;
+        }
+        let t = std::fs::read_to_string(&w)
+            .unwrap_or_else(|e| panic!("point {j} must warn ({}): {e}", w.display()));
+        assert!(t.contains(&ids[bad]) && t.contains("deep verify"), "{t}");
+        if j > bad {
+            assert!(t.contains("reads through point"), "{t}");
+        }
+        let info: Value =
+            serde_json::from_slice(&std::fs::read(dir.join("info.json")).unwrap()).unwrap();
+        assert!(s(&info["digest"]).starts_with("cvblk1-sha256:"), "{info}");
+    }
+    drop(m);
+}
+
+/// A qemu-made image with compressed clusters, imported: its point's digest
+/// is the source's, and a byte flipped inside one compressed cluster is
+/// found, named as compressed, and the disk's next backup is a full.
+#[test]
+fn a_flipped_byte_in_a_compressed_cluster_of_an_imported_image_is_found() {
+    client_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("data"));
+    let raw = tmp.path().join("src.raw");
+    let size = 8 * MIB;
+    let mut bytes = Vec::with_capacity(size as usize);
+    let mut line = 0u64;
+    while (bytes.len() as u64) < size {
+        bytes
+            .extend_from_slice(format!("line {line:08} of a compressible guest disk\n").as_bytes());
+        line += 1;
+    }
+    bytes.truncate(size as usize);
+    // A hole of zero blocks in the middle.
+    bytes[3 * MIB as usize..4 * MIB as usize].fill(0);
+    std::fs::write(&raw, &bytes).unwrap();
+    let qc = tmp.path().join("src.qcow2");
+    run_ok(cmd(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            &p(&raw),
+            &p(&qc),
+        ],
+    ));
+    let rep = run_ok(cmd(
+        BIN,
+        &[
+            "import",
+            "--vm",
+            "cz",
+            "--disk",
+            "0",
+            "--server",
+            &d.api,
+            "--json",
+            "--change-id",
+            "cz-cbt-1",
+            &p(&qc),
+        ],
+    ));
+    let rep: Value = serde_json::from_slice(&rep.stdout).unwrap();
+    let id = s(&rep["points"][0]["backup_id"]);
+    let want = cv_digest_of(&raw);
+    assert_eq!(cv_digest_of(&qc), want, "qcow2 and raw read the same");
+    assert_eq!(
+        s(&rep["points"][0]["digest"]),
+        want,
+        "the import records the digest"
+    );
+    assert_eq!(s(&disk_of(&d.backup(&id), 0)["digest"]), want);
+    let (code, clean) = deep(&d, &["--vm", "cz"]);
+    assert_eq!(code, 0, "{}", pretty(&clean));
+
+    // The first compressed L2 entry of the repository's copy.
+    let img = d.image_of(&id, 0);
+    let f = std::fs::File::open(&img).unwrap();
+    let mut hd = [0u8; 104];
+    f.read_exact_at(&mut hd, 0).unwrap();
+    let be = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
+    let cluster_bits = u32::from_be_bytes(hd[20..24].try_into().unwrap()) as u64;
+    let l1 = be(&hd[40..48]);
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, l1).unwrap();
+    let l2 = be(&e) & 0x00ff_ffff_ffff_fe00;
+    let (slot, entry) = (0..(1u64 << cluster_bits) / 8)
+        .map(|i| {
+            f.read_exact_at(&mut e, l2 + i * 8).unwrap();
+            (i, be(&e))
+        })
+        .find(|(_, x)| x & (1 << 62) != 0)
+        .expect("qemu-img convert -c wrote compressed clusters");
+    drop(f);
+    let host = entry & ((1u64 << (62 - (cluster_bits - 8))) - 1);
+    let guest = slot << cluster_bits;
+    flip(&img, host + 40);
+    let (code, rep) = deep(&d, &["--vm", "cz"]);
+    assert_ne!(code, 0, "{}", pretty(&rep));
+    let bad = rep["bad_blocks"].as_array().unwrap();
+    assert_eq!(bad.len(), 1, "{}", pretty(&rep));
+    let b = &bad[0];
+    assert_eq!(b["backup_id"], id.as_str());
+    assert_eq!(b["offset"].as_u64().unwrap(), guest, "{b}");
+    assert_eq!(b["compressed"], true, "{b}");
+    assert!(s(&b["image"]).ends_with(&format!("{id}.qcow2")), "{b}");
+    assert_eq!(b["host_offset"].as_u64().unwrap(), host, "{b}");
+    assert!(b["affected"].as_array().unwrap().is_empty(), "{b}");
+    assert_eq!(disk_of(&d.backup(&id), 0)["deep_verify"]["ok"], false);
+
+    // Not an incremental on the bad point: no change_id is offered, and an
+    // incremental asked for is made a full that says why.
+    assert_eq!(d.change_id("cz", 0), "");
+    let r = d.start_backup(&start_body(
+        "cz",
+        "incremental",
+        Some(json!([disk_spec(0, size)])),
+    ));
+    let d0 = &r["disks"][0];
+    assert_eq!(d0["mode"], "full", "{}", pretty(&r));
+    assert!(
+        s(&d0["reason"]).contains("failed deep verify"),
+        "{}",
+        pretty(&r)
+    );
+}
+
+/// `serve --verify-every`: the daemon deep-verifies every point on its own,
+/// again once a result is older than the period, and finds what went bad.
+#[test]
+fn the_daemon_verifies_on_a_schedule() {
+    client_tools();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with(
+        &tmp.path().join("data"),
+        &["--verify-every", "3s", "--verify-rate", "512"],
+        &[],
+    );
+    let q = tmp.path().join("q.qcow2");
+    make_vm_disk(&q, 32 * MIB, 8, 5);
+    let id = s(&backup(&d, "vm", &[p(&q)], &["--rotate"]).ok("full").json["backup_id"]);
+    let wait_for = |what: &str, ok: bool| -> Value {
+        let t0 = std::time::Instant::now();
+        loop {
+            let v = disk_of(&d.backup(&id), 0)["deep_verify"].clone();
+            if v["ok"] == ok {
+                return v;
+            }
+            assert!(
+                t0.elapsed().as_secs() < 60,
+                "{what}: no scheduled deep verify said ok={ok} in 60 s: {v}\n{}",
+                d.log_tail()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    };
+    let first = wait_for("the first scheduled verify", true);
+    let img = d.image_of(&id, 0);
+    let (_, _, host) = own_data(&img)[0];
+    flip(&img, host + 7);
+    let later = wait_for("the verify after the flip", false);
+    assert_ne!(first["at"], later["at"]);
+    assert!(s(&later["message"]).contains("offset"), "{later}");
 }
 
 fn cv_digest_of(path: &Path) -> String {

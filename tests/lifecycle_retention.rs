@@ -457,6 +457,17 @@ fn policies_are_stored_shown_and_applied_after_each_backup() {
         .collect();
     assert_eq!(left, ids[1..].to_vec());
     assert_eq!(d.change_id("pol", 0), "c2");
+    // The point leaves the listings first; its child's image is merged
+    // after, and its journal goes when that is done.
+    let journals = d.data.join("journal");
+    while std::fs::read_dir(&journals).is_ok_and(|mut r| r.next().is_some()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the removal's journal is still there: {}",
+            d.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The survivors still read: the old head is now the base.
     let chain = d.chain("pol", 0);
     assert!(

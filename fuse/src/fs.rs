@@ -246,6 +246,11 @@ impl RestoreFs {
                 let n = p.info.info_json.len() as u64;
                 self.synth(ino, FileType::RegularFile, n, Self::point_time(&p))
             }
+            Node::Warning(p) => {
+                let p = self.point(*p)?;
+                let n = p.info.warning.as_ref().ok_or(Errno::ENOENT)?.len() as u64;
+                self.synth(ino, FileType::RegularFile, n, Self::point_time(&p))
+            }
             Node::Volume(p, v) => {
                 let pt = self.point(*p)?;
                 let i = self.vol(&pt, *v)?;
@@ -366,6 +371,9 @@ impl RestoreFs {
                     file("disk.raw", Node::DiskRaw(*p)),
                     file("info.json", Node::Info(*p)),
                 ];
+                if pt.info.warning.is_some() {
+                    v.push(file("WARNING.txt", Node::Warning(*p)));
+                }
                 for (i, vol) in pt.volumes().iter().enumerate() {
                     v.push(dir(&vol.name, Node::Volume(*p, i as u16)));
                 }
@@ -413,6 +421,13 @@ impl RestoreFs {
             // Fast paths that do not scan the point's volumes.
             Node::Point(p) if nb == b"disk.raw" => Ok(Node::DiskRaw(*p)),
             Node::Point(p) if nb == b"info.json" => Ok(Node::Info(*p)),
+            Node::Point(p) if nb == b"WARNING.txt" => {
+                if self.point(*p)?.info.warning.is_some() {
+                    Ok(Node::Warning(*p))
+                } else {
+                    Err(Errno::ENOENT)
+                }
+            }
             Node::Volume(p, vi) | Node::Guest(p, vi, _) => {
                 let pt = self.point(*p)?;
                 let i = self.vol(&pt, *vi)?;
@@ -459,6 +474,11 @@ impl RestoreFs {
                 let pt = self.point(*p)?;
                 copy_from(&pt.info.info_json, &mut buf, offset)
             }
+            Node::Warning(p) => {
+                let pt = self.point(*p)?;
+                let w = pt.info.warning.as_ref().ok_or(Errno::ENOENT)?;
+                copy_from(w.as_bytes(), &mut buf, offset)
+            }
             Node::VolError(p, v) => {
                 let pt = self.point(*p)?;
                 let i = self.vol(&pt, *v)?;
@@ -502,7 +522,11 @@ impl RestoreFs {
     fn is_file(node: &Node) -> bool {
         matches!(
             node,
-            Node::DiskRaw(_) | Node::Info(_) | Node::VolRaw(..) | Node::VolError(..)
+            Node::DiskRaw(_)
+                | Node::Info(_)
+                | Node::Warning(_)
+                | Node::VolRaw(..)
+                | Node::VolError(..)
         )
     }
 

@@ -32,6 +32,9 @@ pub enum Node {
     Point(PointId),
     DiskRaw(PointId),
     Info(PointId),
+    /// `WARNING.txt`: present while the point failed deep verify, or reads
+    /// through one that did.
+    Warning(PointId),
     /// A volume's directory (the guest root when its filesystem opened).
     Volume(PointId, u16),
     VolRaw(PointId, u16),

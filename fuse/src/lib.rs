@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! /<vm>/disk<N>/<point>/disk.raw        the whole disk at that point
-//! /<vm>/disk<N>/<point>/info.json       backup id, type, parent, change_id, sizes, times
+//! /<vm>/disk<N>/<point>/info.json       backup id, type, parent, change_id, digest, sizes, times
+//! /<vm>/disk<N>/<point>/WARNING.txt     only when the point, or one it reads through, failed deep verify
 //! /<vm>/disk<N>/<point>/<volume>/...    the guest's files (guestfs), or
 //!                      <volume>/volume.raw + ERROR.txt when its filesystem cannot be read
 //! /<vm>/disk<N>/latest -> <newest point>

@@ -43,7 +43,15 @@ impl Point {
         let disk = Arc::new(LazyDisk::new(
             what,
             info.size,
-            Box::new(move || source.open(&pi)),
+            Box::new(move || {
+                if let Some(w) = &pi.warning {
+                    tracing::warn!(
+                        vm = %pi.vm, disk = pi.disk_id, point = %pi.backup_id,
+                        "opening a point that may hold bad blocks: {}", w.trim_end()
+                    );
+                }
+                source.open(&pi)
+            }),
         ));
         Point {
             id,

@@ -22,6 +22,10 @@ pub struct PointInfo {
     pub size: u64,
     /// The contents of `info.json`.
     pub info_json: Vec<u8>,
+    /// Why the point's bytes may be wrong (it, or a point it reads
+    /// through, failed deep verify): shown as `WARNING.txt` beside
+    /// `disk.raw`, and logged when the point is first opened.
+    pub warning: Option<String>,
 }
 
 /// A catalog of points and a way to read them.

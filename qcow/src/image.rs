@@ -733,6 +733,24 @@ impl Image {
         Ok(())
     }
 
+    /// Where the compressed data of the cluster holding guest offset `off`
+    /// starts in this layer's file; None when that cluster is not compressed
+    /// here. ([`Extent::host_offset`] is None for compressed data, which has
+    /// no byte-for-byte host mapping.)
+    pub fn compressed_host_offset(&self, off: u64) -> Result<Option<u64>> {
+        self.check_range(off, 1)?;
+        let l1i = self.geo.l1_index(off);
+        let slot = self.slot(l1i);
+        let mut segs = Vec::new();
+        let mut st = lock(&slot.st);
+        self.load(l1i, &mut st)?;
+        self.segments(&st, off, off + 1, &mut segs)?;
+        Ok(segs.iter().find_map(|&(_, _, seg)| match seg {
+            Seg::Compressed(d) => Some(compressed_extent(d, self.geo.cluster_bits).0 .0),
+            _ => None,
+        }))
+    }
+
     /// Block status of this layer alone (depth 0).
     pub fn block_status(&self, off: u64, len: u64) -> Result<Vec<Extent>> {
         self.check_range(off, len)?;

@@ -176,6 +176,8 @@ pub(crate) fn info_json(b: &BackupRecord, d: &DiskBackupRecord) -> Vec<u8> {
         "tags": b.tags,
         "repository_id": b.repository_id,
         "image": d.image,
+        "digest": d.digest,
+        "deep_verify": d.deep_verify,
     });
     let mut out = serde_json::to_vec_pretty(&v).unwrap_or_default();
     out.push(b'\n');
@@ -189,8 +191,53 @@ pub(crate) fn parse_time(s: &str) -> std::time::SystemTime {
         .unwrap_or(std::time::UNIX_EPOCH)
 }
 
+/// The points of the tree, one per completed disk of `recs`, each with its
+/// warning when it failed deep verify or reads through a point that did.
+pub(crate) fn point_infos(
+    recs: &[(&BackupRecord, &DiskBackupRecord)],
+) -> Vec<chainvault_fuse::PointInfo> {
+    let by_id: std::collections::HashMap<(&str, u32), &DiskBackupRecord> = recs
+        .iter()
+        .map(|(_, d)| ((d.backup_id.as_str(), d.disk_id), *d))
+        .collect();
+    recs.iter()
+        .map(|(b, d)| {
+            let mut info = point_info(b, d);
+            let mut cur = Some(*d);
+            let mut hops = 0;
+            while let Some(c) = cur.filter(|_| hops <= by_id.len()) {
+                if let Some(v) = c.deep_verify.as_ref().filter(|v| !v.ok) {
+                    let whose = if c.backup_id == d.backup_id {
+                        "This point".to_string()
+                    } else {
+                        format!("This point reads through point {}, which", c.backup_id)
+                    };
+                    info.warning = Some(format!(
+                        "WARNING: disk {} of VM {:?} at backup {} may hold bad blocks.\n\n\
+                         {whose} failed deep verify at {}:\n  {}\n\n\
+                         Files and disk.raw here may read wrong bytes where it is bad;\n\
+                         `chainvault verify --deep` names the blocks and the points they affect.\n",
+                        d.disk_id,
+                        d.vm_name,
+                        d.backup_id,
+                        v.at,
+                        v.message.as_deref().unwrap_or("bad blocks")
+                    ));
+                    break;
+                }
+                cur = c
+                    .parent_backup_id
+                    .as_deref()
+                    .and_then(|p| by_id.get(&(p, d.disk_id)).copied());
+                hops += 1;
+            }
+            info
+        })
+        .collect()
+}
+
 /// The point of one disk of one backup, for the tree.
-pub(crate) fn point_info(b: &BackupRecord, d: &DiskBackupRecord) -> chainvault_fuse::PointInfo {
+fn point_info(b: &BackupRecord, d: &DiskBackupRecord) -> chainvault_fuse::PointInfo {
     chainvault_fuse::PointInfo {
         vm: d.vm_name.clone(),
         disk_id: d.disk_id,
@@ -199,5 +246,6 @@ pub(crate) fn point_info(b: &BackupRecord, d: &DiskBackupRecord) -> chainvault_f
         completed: d.completed_at.as_deref().map(parse_time),
         size: d.capacity_bytes,
         info_json: info_json(b, d),
+        warning: None,
     }
 }

@@ -67,6 +67,14 @@ pub struct ServeArgs {
     /// into an incremental then copy whole clusters from the previous point.
     #[arg(long)]
     pub no_extended_l2: bool,
+    /// Deep-verify every point with block digests at least once in this
+    /// period (e.g. 7d), a few points at a time, oldest result first.
+    #[arg(long, value_name = "DURATION", env = "CHAINVAULT_VERIFY_EVERY", value_parser = parse_duration)]
+    pub verify_every: Option<Duration>,
+    /// The scheduled deep verify reads at most this many MiB per second.
+    #[arg(long, value_name = "MIB_S", env = "CHAINVAULT_VERIFY_RATE", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub verify_rate: u64,
 }
 
 impl ServeArgs {
@@ -91,6 +99,8 @@ impl ServeArgs {
             disk_timeout: self.disk_timeout,
             cluster_size: self.cluster_size,
             extended_l2,
+            verify_every: self.verify_every,
+            verify_rate_mib_s: self.verify_rate,
         })
     }
 

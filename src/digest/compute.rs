@@ -66,21 +66,51 @@ pub fn data_blocks(chain: &Chain) -> Result<Runs, String> {
     Ok(block_runs(&ext, |k| k == ExtentKind::Data))
 }
 
-/// The digests of one batch of blocks, or why it could not be read.
-type BatchResult = Result<Vec<(u64, BlockDigest)>, String>;
+/// The digest of each block of one batch, or why that block could not be
+/// read.
+type BatchResult = Vec<(u64, Result<BlockDigest, String>)>;
 
 /// Total blocks in `runs`.
 pub fn count(runs: &Runs) -> u64 {
     runs.iter().map(|r| r.1 - r.0).sum()
 }
 
+/// Read blocks `[a, b)` through `chain` and hash them. When the batch
+/// cannot be read in one go, each block is read alone, so that one
+/// unreadable block (a damaged compressed cluster, say) is named and the
+/// others are still hashed.
+fn hash_batch(chain: &Chain, a: u64, b: u64, buf: &mut Vec<u8>) -> BatchResult {
+    let size = chain.size();
+    let off = a * BLOCK;
+    let len = ((b * BLOCK).min(size) - off) as usize;
+    buf.resize(len, 0);
+    let mut v = Vec::with_capacity((b - a) as usize);
+    if chain.read_at(buf, off).is_ok() {
+        hash_blocks(size, a, buf, |i, d| v.push((i, Ok(d))));
+        return v;
+    }
+    for i in a..b {
+        let off = i * BLOCK;
+        let len = super::block_len(size, i);
+        buf.resize(len, 0);
+        match chain.read_at(buf, off) {
+            Ok(()) => hash_blocks(size, i, buf, |j, d| v.push((j, Ok(d)))),
+            Err(e) => v.push((i, Err(format!("reading {len} bytes at offset {off}: {e}")))),
+        }
+    }
+    v
+}
+
+/// Takes each block's digest, or why the block could not be read.
+pub type BlockSink<'a> = dyn FnMut(u64, Result<&BlockDigest, &str>) -> Result<(), String> + 'a;
+
 /// Read the blocks of `runs` through `chain` and hash them, on a few
-/// threads; `out` gets every digest in ascending order, `progress` the
-/// bytes read so far.
+/// threads; `out` gets every block's digest (or why it could not be read)
+/// in ascending order, `progress` the bytes read so far.
 pub fn hash_runs(
     chain: &Chain,
     runs: &Runs,
-    out: &mut dyn FnMut(u64, &BlockDigest) -> Result<(), String>,
+    out: &mut BlockSink<'_>,
     progress: &dyn Fn(u64),
 ) -> Result<(), String> {
     let size = chain.size();
@@ -111,17 +141,7 @@ pub fn hash_runs(
                         let Some(&(a, b)) = window.get(k) else {
                             return;
                         };
-                        let off = a * BLOCK;
-                        let len = ((b * BLOCK).min(size) - off) as usize;
-                        buf.resize(len, 0);
-                        let r = chain
-                            .read_at(&mut buf, off)
-                            .map_err(|e| format!("reading {len} bytes at offset {off}: {e}"))
-                            .map(|()| {
-                                let mut v = Vec::with_capacity((b - a) as usize);
-                                hash_blocks(size, a, &buf, |i, d| v.push((i, d)));
-                                v
-                            });
+                        let r = hash_batch(chain, a, b, &mut buf);
                         *slots[k].lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
                     }
                 });
@@ -131,9 +151,9 @@ pub fn hash_runs(
             let v = slot
                 .into_inner()
                 .unwrap_or_else(|p| p.into_inner())
-                .unwrap_or_else(|| Err("a digest task did not run".into()))?;
+                .ok_or_else(|| "a digest task did not run".to_string())?;
             for (i, d) in &v {
-                out(*i, d)?;
+                out(*i, d.as_ref().map_err(|e| e.as_str()))?;
             }
             done += ((b * BLOCK).min(size)) - a * BLOCK;
         }
@@ -183,7 +203,7 @@ pub fn complete_layer(chain: &Chain, progress: &dyn Fn(u64)) -> Result<LayerDige
         chain,
         &runs,
         &mut |i, d| {
-            w.push(i, d)
+            w.push(i, d?)
                 .map_err(|e| format!("writing {}: {e}", path.display()))
         },
         progress,
@@ -208,7 +228,7 @@ pub fn chain_digest(chain: &Chain, progress: &dyn Fn(u64)) -> Result<PointDigest
         chain,
         &runs,
         &mut |i, d| {
-            root.put(i, d);
+            root.put(i, d?);
             Ok(())
         },
         progress,

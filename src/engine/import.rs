@@ -488,6 +488,17 @@ impl Engine {
                         c.source.display()
                     )));
                 }
+                // Block digests, as a completion records them: the blocks
+                // this layer holds, over the digests of the points below
+                // (a whole file when those have none).
+                let chain = Chain::open(&abs, &self.chain_options(false))?;
+                let got = crate::digest::compute::complete_layer(&chain, &|_| {}).map_err(|e| {
+                    EngineError::Internal(format!(
+                        "computing the block digests of {}: {e}",
+                        abs.display()
+                    ))
+                })?;
+                disk.digest = Some(got.digest.to_string());
                 disk.status = Status::Completed;
                 disk.size_on_disk = Some(super::space::allocated(&abs));
                 parent = Some(id);

@@ -80,6 +80,11 @@ pub struct EngineConfig {
     pub cluster_size: u64,
     /// Extended L2 (subclusters) in new images.
     pub extended_l2: bool,
+    /// Scheduled deep verify: every point with block digests is read and
+    /// checked at least once in this period (None: only when asked).
+    pub verify_every: Option<Duration>,
+    /// The scheduled deep verify reads at most this many MiB per second.
+    pub verify_rate_mib_s: u64,
 }
 
 impl Default for EngineConfig {
@@ -91,6 +96,8 @@ impl Default for EngineConfig {
             disk_timeout: Duration::from_secs(3600),
             cluster_size: 128 << 10,
             extended_l2: true,
+            verify_every: None,
+            verify_rate_mib_s: 64,
         }
     }
 }
@@ -138,6 +145,9 @@ pub struct Engine {
     prune_due: Mutex<std::collections::HashSet<String>>,
     /// When each VM's scheduled prune last ran (seconds since the epoch).
     schedule_runs: Mutex<HashMap<String, i64>>,
+    /// One deep verify at a time; the flag tells a running one to stop.
+    scrub_lock: tokio::sync::Mutex<()>,
+    scrub_stop: Arc<AtomicBool>,
     /// Imports copying files that are not in the catalog yet.
     imports_running: std::sync::atomic::AtomicUsize,
     bytes_received: AtomicU64,
@@ -219,6 +229,8 @@ impl Engine {
             prune_lock: tokio::sync::Mutex::new(()),
             prune_due: Mutex::new(Default::default()),
             schedule_runs: Mutex::new(HashMap::new()),
+            scrub_lock: tokio::sync::Mutex::new(()),
+            scrub_stop: Arc::new(AtomicBool::new(false)),
             imports_running: Default::default(),
             bytes_received: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
@@ -249,6 +261,21 @@ impl Engine {
                 e.auto_prune().await;
             }
         });
+        // Scheduled deep verify.
+        if let Some(every) = engine.cfg.verify_every {
+            let weak = Arc::downgrade(&engine);
+            tokio::spawn(async move {
+                let turn = (every / 20).clamp(Duration::from_secs(1), Duration::from_secs(60));
+                loop {
+                    tokio::time::sleep(turn).await;
+                    let Some(e) = weak.upgrade() else { break };
+                    if e.shutting_down.load(Ordering::Acquire) {
+                        break;
+                    }
+                    e.scheduled_verify(every).await;
+                }
+            });
+        }
         Ok(engine)
     }
 
@@ -282,6 +309,8 @@ impl Engine {
             prune_lock: tokio::sync::Mutex::new(()),
             prune_due: Mutex::new(Default::default()),
             schedule_runs: Mutex::new(HashMap::new()),
+            scrub_lock: tokio::sync::Mutex::new(()),
+            scrub_stop: Arc::new(AtomicBool::new(false)),
             imports_running: Default::default(),
             bytes_received: AtomicU64::new(0),
             shutting_down: AtomicBool::new(false),
@@ -359,6 +388,7 @@ impl Engine {
     /// Stop accepting work, drain NBD, flush, mark in-flight jobs interrupted.
     pub async fn shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
+        self.scrub_stop.store(true, Ordering::Release);
         let _op = self.op.lock().await;
         let running: Vec<String> = self
             .catalog

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use chainvault_qcow::{Chain, ExtentKind};
@@ -15,7 +16,7 @@ use super::{cat, repo, Engine, EngineResult};
 use crate::catalog::Change;
 use crate::digest::compute::{self, Runs};
 use crate::digest::file::{self, Kind, Reader, Resolved};
-use crate::digest::{block_len, zero_digest, BlockDigest, BLOCK};
+use crate::digest::{block_len, zero_digest, BLOCK};
 use crate::model::*;
 
 /// Bad blocks named per point (the rest are counted).
@@ -33,14 +34,6 @@ fn listed(image: &Path) -> Result<Option<Vec<u64>>, String> {
         v.push(i);
     }
     Ok(Some(v))
-}
-
-fn runs_of(idx: &[u64]) -> Runs {
-    let mut runs = Runs::new();
-    for &i in idx {
-        compute::push_run(&mut runs, i, i + 1);
-    }
-    runs
 }
 
 fn merge_runs(a: &Runs, b: &Runs) -> Runs {
@@ -63,22 +56,26 @@ struct PointScrub {
 }
 
 /// Check one point's own blocks. `pace` is called with the bytes read so far.
+/// The digest file is read twice, once for the blocks it lists and once,
+/// in step with the hashing, for their digests, so that memory stays small
+/// however large the layer.
 fn scrub_point(chain: &Chain, pace: &dyn Fn(u64)) -> Result<PointScrub, String> {
     let top = chain.top().path().to_path_buf();
     let size = chain.size();
     let path = file::path_of(&top);
     let mut reader = Reader::open(&path)?;
     let kind = reader.kind;
-    let mut expected: Vec<(u64, BlockDigest)> = Vec::new();
-    while let Some(e) = reader.next_entry()? {
-        expected.push(e);
+    let mut own = Runs::new();
+    while let Some((i, _)) = reader.next_entry()? {
+        compute::push_run(&mut own, i, i + 1);
     }
-    let own: Runs = runs_of(&expected.iter().map(|e| e.0).collect::<Vec<_>>());
     // A whole file also claims that every block it does not list is zero.
     let runs = match kind {
         Kind::Layer => own,
         Kind::Whole => merge_runs(&own, &compute::data_blocks(chain)?),
     };
+    let mut expected = Reader::open(&path)?;
+    let mut next = expected.next_entry()?;
     let mut out = PointScrub {
         blocks: 0,
         bytes: 0,
@@ -86,25 +83,26 @@ fn scrub_point(chain: &Chain, pace: &dyn Fn(u64)) -> Result<PointScrub, String> 
         bad_count: 0,
         error: None,
     };
-    let mut k = 0usize;
     let res = compute::hash_runs(
         chain,
         &runs,
         &mut |i, got| {
-            while k < expected.len() && expected[k].0 < i {
-                k += 1;
+            while next.is_some_and(|(j, _)| j < i) {
+                next = expected.next_entry()?;
             }
-            let want = match expected.get(k) {
-                Some(&(j, d)) if j == i => d,
+            let want = match next {
+                Some((j, d)) if j == i => d,
                 _ => zero_digest(block_len(size, i)),
             };
             out.blocks += 1;
-            if *got != want {
-                out.bad_count += 1;
-                if out.bad.len() < MAX_NAMED {
-                    out.bad
-                        .push((i, "its bytes do not match the recorded block digest".into()));
-                }
+            let why = match got {
+                Ok(d) if *d == want => return Ok(()),
+                Ok(_) => "its bytes do not match the recorded block digest".to_string(),
+                Err(e) => format!("it cannot be read: {e}"),
+            };
+            out.bad_count += 1;
+            if out.bad.len() < MAX_NAMED {
+                out.bad.push((i, why));
             }
             Ok(())
         },
@@ -119,11 +117,24 @@ fn scrub_point(chain: &Chain, pace: &dyn Fn(u64)) -> Result<PointScrub, String> 
     Ok(out)
 }
 
+/// Points a scheduled deep verify checks in one turn (their results are
+/// kept after each turn, so a long scrub makes progress that survives a
+/// restart).
+const SCHEDULED_BATCH: usize = 8;
+
+/// When a point was last deep-verified, in seconds since the epoch.
+fn verified_at(d: &DiskBackupRecord) -> Option<i64> {
+    let v = d.deep_verify.as_ref()?;
+    time::OffsetDateTime::parse(&v.at, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
+}
+
 impl Engine {
     /// `chainvault verify --deep`, `POST /api/v1/verify/deep`.
     pub async fn deep_verify(&self, req: DeepVerifyRequest) -> EngineResult<DeepVerifyReport> {
         self.check_not_stopping()?;
-        let mut disks: Vec<DiskBackupRecord> = self
+        let disks: Vec<DiskBackupRecord> = self
             .catalog
             .all_disks()
             .map_err(cat)?
@@ -131,16 +142,83 @@ impl Engine {
             .filter(|d| d.status == Status::Completed)
             .filter(|d| req.vm_name.as_ref().is_none_or(|v| *v == d.vm_name))
             .collect();
+        let rate = req.rate_mib_s.filter(|r| *r > 0).map(|r| r << 20);
+        let _one = self.scrub_lock.lock().await;
+        self.scrub(disks, rate).await
+    }
+
+    /// One turn of the daemon's deep-verify schedule: the points whose last
+    /// deep verify is older than `every` (never verified first, then the
+    /// oldest), a few at a time, at the configured rate. A turn that finds
+    /// a deep verify already running leaves it alone.
+    pub(super) async fn scheduled_verify(&self, every: Duration) {
+        let Ok(_one) = self.scrub_lock.try_lock() else {
+            return;
+        };
+        let Ok(all) = self.catalog.all_disks() else {
+            return;
+        };
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut due: Vec<(Option<i64>, DiskBackupRecord)> = all
+            .into_iter()
+            .filter(|d| d.status == Status::Completed && d.digest.is_some())
+            .map(|d| (verified_at(&d), d))
+            .filter(|(at, _)| at.is_none_or(|t| now - t >= every.as_secs() as i64))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        due.sort_by(|a, b| (a.0, &a.1.backup_id).cmp(&(b.0, &b.1.backup_id)));
+        let batch: Vec<DiskBackupRecord> = due
+            .into_iter()
+            .take(SCHEDULED_BATCH)
+            .map(|(_, d)| d)
+            .collect();
+        let rate = Some(self.cfg.verify_rate_mib_s.max(1) << 20);
+        match self.scrub(batch, rate).await {
+            Ok(r) if r.points_bad > 0 => warn!(
+                points = r.points_checked,
+                bad = r.points_bad,
+                first = r.problems.first().map(String::as_str).unwrap_or_default(),
+                "scheduled deep verify found bad points"
+            ),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "scheduled deep verify failed"),
+        }
+    }
+
+    /// Check `disks` and keep each one's result with its record.
+    async fn scrub(
+        &self,
+        mut disks: Vec<DiskBackupRecord>,
+        rate: Option<u64>,
+    ) -> EngineResult<DeepVerifyReport> {
         disks.sort_by(|a, b| {
             (&a.vm_name, a.disk_id, &a.backup_id).cmp(&(&b.vm_name, b.disk_id, &b.backup_id))
         });
+        // Every completed point of the disks checked, to name the later
+        // points a bad block affects.
+        let mut family: Vec<DiskBackupRecord> = self
+            .catalog
+            .all_disks()
+            .map_err(cat)?
+            .into_iter()
+            .filter(|d| d.status == Status::Completed)
+            .filter(|d| {
+                disks
+                    .iter()
+                    .any(|x| x.vm_name == d.vm_name && x.disk_id == d.disk_id)
+            })
+            .collect();
+        family.extend(disks.iter().cloned());
         let data = self.data.clone();
         let opts = self.chain_options(false);
-        let rate = req.rate_mib_s.filter(|r| *r > 0).map(|r| r << 20);
-        let (report, results) =
-            tokio::task::spawn_blocking(move || scrub_all(&data, &opts, disks, rate))
-                .await
-                .map_err(super::EngineError::internal)??;
+        let stop = self.scrub_stop.clone();
+        let (report, results) = tokio::task::spawn_blocking(move || {
+            scrub_all(&data, &opts, disks, family, rate, &stop)
+        })
+        .await
+        .map_err(super::EngineError::internal)??;
         // Keep each point's result (the point may have gone meanwhile).
         let _op = self.op.lock().await;
         let mut changes = Vec::new();
@@ -172,22 +250,33 @@ impl Engine {
 
 type Results = Vec<(String, u32, DeepVerifyResult)>;
 
+/// Check `disks`; `family` holds every completed point of their disks
+/// (for the later points a bad block affects). Stops between points when
+/// `stop` is set (the daemon is shutting down); the points not reached get
+/// no result.
 fn scrub_all(
     data: &Path,
     opts: &chainvault_qcow::ChainOptions,
     disks: Vec<DiskBackupRecord>,
+    family: Vec<DiskBackupRecord>,
     rate: Option<u64>,
+    stop: &AtomicBool,
 ) -> EngineResult<(DeepVerifyReport, Results)> {
     let t0 = Instant::now();
     let mut rep = DeepVerifyReport::default();
     let mut results = Results::new();
-    let by_id: HashMap<(String, u32), DiskBackupRecord> = disks
-        .iter()
-        .map(|d| ((d.backup_id.clone(), d.disk_id), d.clone()))
+    let by_id: HashMap<(String, u32), DiskBackupRecord> = family
+        .into_iter()
+        .map(|d| ((d.backup_id.clone(), d.disk_id), d))
         .collect();
     let mut listed_cache: HashMap<PathBuf, Option<Vec<u64>>> = HashMap::new();
     let mut read_before = 0u64;
     for d in &disks {
+        if stop.load(Ordering::Acquire) {
+            rep.problems
+                .push("stopped before every point was checked: the daemon is shutting down".into());
+            break;
+        }
         let image = data.join(&d.image);
         let chain = match Chain::open(&image, opts) {
             Ok(c) => c,
@@ -234,7 +323,7 @@ fn scrub_all(
                 if s.bad_count > 0 {
                     first_bad = s.bad.first().map(|b| b.0 * BLOCK);
                     let m = format!(
-                        "{} block(s) do not match their recorded digests; the first at offset {}",
+                        "{} block(s) fail their recorded digests (other bytes, or unreadable); the first at offset {}",
                         s.bad_count,
                         first_bad.unwrap_or(0)
                     );
@@ -330,6 +419,16 @@ fn name_block(
             );
             host = e.host_offset.map(|h| h + (off.max(e.offset) - e.offset));
             compressed = e.compressed;
+            if compressed {
+                // Where the damaged cluster's compressed bytes start.
+                let at = off.max(e.offset);
+                host = match &chain.layers()[e.depth as usize] {
+                    chainvault_qcow::Layer::Qcow(img) => {
+                        img.compressed_host_offset(at).ok().flatten()
+                    }
+                    chainvault_qcow::Layer::Raw(_) => None,
+                };
+            }
         }
     }
     // Later points of the same disk that reach this point through their

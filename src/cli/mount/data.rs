@@ -61,7 +61,7 @@ impl Source for DataSource {
 
     fn list(&self) -> Result<Vec<PointInfo>, String> {
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let mut out = Vec::new();
+        let mut keep = Vec::new();
         let mut live = Vec::new();
         for path in repo::all_sidecars(&self.data) {
             let Ok(meta) = std::fs::metadata(&path) else {
@@ -98,11 +98,16 @@ impl Source for DataSource {
             if self.vm.as_ref().is_some_and(|v| *v != s.disk.vm_name) {
                 continue;
             }
-            out.push(super::point_info(&s.backup, &s.disk));
+            keep.push(path.clone());
         }
         let live: std::collections::HashSet<PathBuf> = live.into_iter().collect();
         seen.retain(|p, _| live.contains(p));
-        Ok(out)
+        let recs: Vec<_> = keep
+            .iter()
+            .filter_map(|p| seen.get(p).and_then(|s| s.sidecar.as_ref()))
+            .map(|s| (&s.backup, &s.disk))
+            .collect();
+        Ok(super::point_infos(&recs))
     }
 
     fn open(&self, p: &PointInfo) -> io::Result<Disk> {

@@ -117,15 +117,13 @@ impl Source for ServerSource {
             req = req.query("vm_name", vm);
         }
         let list: BackupList = self.http.answer("listing backups", req.call())?;
-        let mut out = Vec::new();
-        for b in list.backups {
-            for d in &b.disks {
-                if d.status == Status::Completed {
-                    out.push(super::point_info(&b.backup, d));
-                }
-            }
-        }
-        Ok(out)
+        let recs: Vec<_> = list
+            .backups
+            .iter()
+            .flat_map(|b| b.disks.iter().map(move |d| (&b.backup, d)))
+            .filter(|(_, d)| d.status == Status::Completed)
+            .collect();
+        Ok(super::point_infos(&recs))
     }
 
     fn open(&self, p: &PointInfo) -> io::Result<Disk> {
