@@ -81,6 +81,13 @@ fn a_flipped_byte_in_any_layer_is_found_named_and_kept() {
     );
     assert_eq!(clean["points_checked"], 5);
     assert!(clean["bad_blocks"].as_array().unwrap().is_empty());
+    // Mounted before anything goes bad: the warnings appear in a live mount.
+    let data = p(&d.data);
+    let m = Mount::start(
+        &tmp.path().join("mnt"),
+        &["--data", &data, "--rescan-ms", "100"],
+    );
+    mount_warns(&m, &ids, None);
 
     for (k, id) in ids.iter().enumerate() {
         let img = d.image_of(id, 0);
@@ -143,7 +150,8 @@ fn a_flipped_byte_in_any_layer_is_found_named_and_kept() {
             at_guest / 65536 * 65536
         );
         if k == 1 {
-            mount_warns(&tmp.path().join("mnt"), &d, &ids, 1);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            mount_warns(&m, &ids, Some(1));
         }
         flip(&img, host + 100); // mended
     }
@@ -218,15 +226,18 @@ fn a_flipped_byte_in_any_layer_is_found_named_and_kept() {
     assert_eq!(s(&d0["digest"]), cv_digest_of(&q));
 }
 
-/// Mount the repository: the point `ids[bad]` and every later one (each
-/// reads through it) hold WARNING.txt naming it; the earlier ones do not.
-fn mount_warns(mnt: &Path, d: &Daemon, ids: &[String], bad: usize) {
-    let data = p(&d.data);
-    let m = Mount::start(mnt, &["--data", &data]);
+/// In the mount, the point `ids[bad]` and every later one (each reads
+/// through it) hold WARNING.txt naming it; the earlier ones (all, when
+/// `bad` is None) do not.
+fn mount_warns(m: &Mount, ids: &[String], bad: Option<usize>) {
     for (j, id) in ids.iter().enumerate() {
         let dir = m.dir.join("by-id").join(id).join("disk0");
         assert!(dir.join("info.json").exists(), "{}", dir.display());
         let w = dir.join("WARNING.txt");
+        let Some(bad) = bad.filter(|b| j >= *b) else {
+            assert!(!w.exists(), "point {j} reads no bad point: {}", w.display());
+            continue;
+        };
         if j < bad {
             assert!(!w.exists(), "point {j} reads no bad point: {}", w.display());
             continue;
@@ -240,8 +251,10 @@ fn mount_warns(mnt: &Path, d: &Daemon, ids: &[String], bad: usize) {
         let info: Value =
             serde_json::from_slice(&std::fs::read(dir.join("info.json")).unwrap()).unwrap();
         assert!(s(&info["digest"]).starts_with("cvblk1-sha256:"), "{info}");
+        if j == bad {
+            assert_eq!(info["deep_verify"]["ok"], false, "{info}");
+        }
     }
-    drop(m);
 }
 
 /// A qemu-made image with compressed clusters, imported: its point's digest

@@ -146,7 +146,10 @@ impl Catalog {
             for (p, (name, _)) in points.into_iter().zip(names) {
                 let key = (vm.clone(), disk, p.backup_id.clone());
                 let id = match reg.index.get(&key) {
-                    Some(&id) => id,
+                    Some(&id) => {
+                        reg.points[id as usize].refresh(&p);
+                        id
+                    }
                     None => {
                         let id = reg.points.len() as PointId;
                         let point = Point::new(id, p.clone(), name.clone(), self.source.clone());

@@ -4,7 +4,9 @@
 //! * Dynamic directories (`/`, `/<vm>`, `/<vm>/disk<N>`, `/by-id`) get short
 //!   entry and attribute TTLs, and the catalog is rescanned when its listing is
 //!   older than its TTL: new backups appear without a remount.
-//! * Everything inside a point is immutable: long TTLs and `FOPEN_KEEP_CACHE`.
+//! * Everything inside a point is immutable (long TTLs, `FOPEN_KEEP_CACHE`)
+//!   but its `info.json` and `WARNING.txt`, which follow the listing (a deep
+//!   verify can mark a mounted point bad): short TTLs and direct I/O.
 //! * Directory listings are taken once per `opendir` and kept with the handle;
 //!   readdir offsets are indexes into that listing, so a 100k-entry directory
 //!   lists completely and consistently however the kernel pages through it.
@@ -161,6 +163,10 @@ impl RestoreFs {
                 | Node::Vm(_)
                 | Node::Disk(..)
                 | Node::Latest(..)
+                // What a deep verify says of a point can change.
+                | Node::Point(_)
+                | Node::Info(_)
+                | Node::Warning(_)
         )
     }
 
@@ -243,12 +249,12 @@ impl RestoreFs {
             }
             Node::Info(p) => {
                 let p = self.point(*p)?;
-                let n = p.info.info_json.len() as u64;
+                let n = p.info_json().len() as u64;
                 self.synth(ino, FileType::RegularFile, n, Self::point_time(&p))
             }
             Node::Warning(p) => {
                 let p = self.point(*p)?;
-                let n = p.info.warning.as_ref().ok_or(Errno::ENOENT)?.len() as u64;
+                let n = p.warning().ok_or(Errno::ENOENT)?.len() as u64;
                 self.synth(ino, FileType::RegularFile, n, Self::point_time(&p))
             }
             Node::Volume(p, v) => {
@@ -371,7 +377,7 @@ impl RestoreFs {
                     file("disk.raw", Node::DiskRaw(*p)),
                     file("info.json", Node::Info(*p)),
                 ];
-                if pt.info.warning.is_some() {
+                if pt.warning().is_some() {
                     v.push(file("WARNING.txt", Node::Warning(*p)));
                 }
                 for (i, vol) in pt.volumes().iter().enumerate() {
@@ -422,7 +428,7 @@ impl RestoreFs {
             Node::Point(p) if nb == b"disk.raw" => Ok(Node::DiskRaw(*p)),
             Node::Point(p) if nb == b"info.json" => Ok(Node::Info(*p)),
             Node::Point(p) if nb == b"WARNING.txt" => {
-                if self.point(*p)?.info.warning.is_some() {
+                if self.point(*p)?.warning().is_some() {
                     Ok(Node::Warning(*p))
                 } else {
                     Err(Errno::ENOENT)
@@ -472,11 +478,11 @@ impl RestoreFs {
             }
             Node::Info(p) => {
                 let pt = self.point(*p)?;
-                copy_from(&pt.info.info_json, &mut buf, offset)
+                copy_from(&pt.info_json(), &mut buf, offset)
             }
             Node::Warning(p) => {
                 let pt = self.point(*p)?;
-                let w = pt.info.warning.as_ref().ok_or(Errno::ENOENT)?;
+                let w = pt.warning().ok_or(Errno::ENOENT)?;
                 copy_from(w.as_bytes(), &mut buf, offset)
             }
             Node::VolError(p, v) => {
@@ -612,10 +618,15 @@ impl Filesystem for RestoreFs {
             },
             _ => Err(Errno::EISDIR),
         });
-        match r {
+        match (r, self.node(ino)) {
+            // info.json and WARNING.txt change with the listing: read them
+            // afresh each time, whatever size the kernel last saw.
+            (Ok(()), Ok(Node::Info(_) | Node::Warning(_))) => {
+                reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO)
+            }
             // Content never changes: let the page cache keep it across opens.
-            Ok(()) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(e),
+            (Ok(()), _) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            (Err(e), _) => reply.error(e),
         }
     }
 

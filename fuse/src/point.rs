@@ -1,7 +1,7 @@
 //! One point in time: its disk (opened lazily, closed when idle) and its
 //! volumes (found on first access to the point's directory).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use chainvault_guestfs::{self as guestfs, Disk, GuestFs};
 
@@ -25,12 +25,32 @@ pub struct Vol {
 /// One point in time of one disk.
 pub struct Point {
     pub id: PointId,
+    /// The point as first listed (its `info_json` and `warning` as the
+    /// latest listing has them: [`Point::info_json`], [`Point::warning`]).
     pub info: PointInfo,
     /// Directory name under `disk<N>/`.
     pub name: String,
     /// The whole disk (`disk.raw`), read through the chain in big pieces.
     pub disk: Arc<LazyDisk>,
     volumes: OnceLock<Vec<Vol>>,
+    /// `info.json` and `WARNING.txt` as the latest listing has them (a
+    /// deep verify may mark the point bad while it is mounted).
+    live: RwLock<Live>,
+}
+
+/// What of a point changes from one listing to the next.
+struct Live {
+    info_json: Arc<[u8]>,
+    warning: Option<Arc<str>>,
+}
+
+impl Live {
+    fn of(info: &PointInfo) -> Live {
+        Live {
+            info_json: info.info_json.as_slice().into(),
+            warning: info.warning.as_deref().map(Into::into),
+        }
+    }
 }
 
 impl Point {
@@ -55,11 +75,35 @@ impl Point {
         ));
         Point {
             id,
+            live: RwLock::new(Live::of(&info)),
             info,
             name,
             disk,
             volumes: OnceLock::new(),
         }
+    }
+
+    /// Take what a new listing says of this point.
+    pub fn refresh(&self, info: &PointInfo) {
+        *self.live.write().unwrap_or_else(|e| e.into_inner()) = Live::of(info);
+    }
+
+    /// The contents of `info.json`.
+    pub fn info_json(&self) -> Arc<[u8]> {
+        self.live
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .info_json
+            .clone()
+    }
+
+    /// The contents of `WARNING.txt`, when the point has one.
+    pub fn warning(&self) -> Option<Arc<str>> {
+        self.live
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .warning
+            .clone()
     }
 
     /// Whether the volumes were already looked for.
