@@ -45,6 +45,11 @@ fn own_data(img: &Path) -> Vec<(u64, u64, u64)> {
 }
 
 fn flip(path: &Path, at: u64) {
+    flip_with(path, at, 0x5a);
+}
+
+/// XOR the byte at `at` of `path` with `mask`.
+fn flip_with(path: &Path, at: u64, mask: u8) {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -52,9 +57,30 @@ fn flip(path: &Path, at: u64) {
         .unwrap();
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at).unwrap();
-    b[0] ^= 0x5a;
+    b[0] ^= mask;
     f.write_all_at(&b, at).unwrap();
     f.sync_all().unwrap();
+}
+
+/// The first entry of `img`'s first L2 table that `want` accepts: its
+/// index, its offset in the file, its value (the first 8 bytes) and the
+/// image's cluster bits.
+fn first_l2_entry(img: &Path, want: impl Fn(u64) -> bool) -> Option<(u64, u64, u64, u64)> {
+    let f = std::fs::File::open(img).unwrap();
+    let mut hd = [0u8; 104];
+    f.read_exact_at(&mut hd, 0).unwrap();
+    let be = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
+    let cluster_bits = u32::from_be_bytes(hd[20..24].try_into().unwrap()) as u64;
+    let l1 = be(&hd[40..48]);
+    let extended = be(&hd[72..80]) & (1 << 4) != 0;
+    let mut e = [0u8; 8];
+    f.read_exact_at(&mut e, l1).unwrap();
+    let l2 = be(&e) & 0x00ff_ffff_ffff_fe00;
+    let size = if extended { 16 } else { 8 };
+    (0..(1u64 << cluster_bits) / size).find_map(|i| {
+        f.read_exact_at(&mut e, l2 + i * size).unwrap();
+        want(be(&e)).then(|| (i, l2 + i * size, be(&e), cluster_bits))
+    })
 }
 
 #[test]
@@ -162,36 +188,9 @@ fn a_flipped_byte_in_any_layer_is_found_named_and_kept() {
     // An L2 table entry: the first one in use of the head's first L2 table
     // points 64 KiB elsewhere.
     let head = d.image_of(&ids[4], 0);
-    let f = std::fs::File::open(&head).unwrap();
-    let mut hd = [0u8; 104];
-    f.read_exact_at(&mut hd, 0).unwrap();
-    let be = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
-    let cluster_bits = u32::from_be_bytes(hd[20..24].try_into().unwrap());
-    let l1 = be(&hd[40..48]);
-    let extended = be(&hd[72..80]) & (1 << 4) != 0;
-    let mut e = [0u8; 8];
-    f.read_exact_at(&mut e, l1).unwrap();
-    let l2 = be(&e) & 0x00ff_ffff_ffff_fe00;
-    let entry = if extended { 16 } else { 8 };
-    let slot = (0..(1u64 << cluster_bits) / entry)
-        .map(|i| l2 + i * entry)
-        .find(|&o| {
-            let mut x = [0u8; 8];
-            f.read_exact_at(&mut x, o).unwrap();
-            be(&x) & 0x00ff_ffff_ffff_fe00 != 0
-        })
-        .expect("an L2 entry in use");
-    drop(f);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .read(true)
-        .open(&head)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, slot + 5).unwrap();
-    b[0] ^= 0x01;
-    f.write_all_at(&b, slot + 5).unwrap();
-    drop(f);
+    let (_, slot, _, _) =
+        first_l2_entry(&head, |x| x & 0x00ff_ffff_ffff_fe00 != 0).expect("an L2 entry in use");
+    flip_with(&head, slot + 5, 0x01);
     let (code, rep) = deep(&d, &[]);
     assert_ne!(
         code,
@@ -325,23 +324,8 @@ fn a_flipped_byte_in_a_compressed_cluster_of_an_imported_image_is_found() {
 
     // The first compressed L2 entry of the repository's copy.
     let img = d.image_of(&id, 0);
-    let f = std::fs::File::open(&img).unwrap();
-    let mut hd = [0u8; 104];
-    f.read_exact_at(&mut hd, 0).unwrap();
-    let be = |b: &[u8]| u64::from_be_bytes(b.try_into().unwrap());
-    let cluster_bits = u32::from_be_bytes(hd[20..24].try_into().unwrap()) as u64;
-    let l1 = be(&hd[40..48]);
-    let mut e = [0u8; 8];
-    f.read_exact_at(&mut e, l1).unwrap();
-    let l2 = be(&e) & 0x00ff_ffff_ffff_fe00;
-    let (slot, entry) = (0..(1u64 << cluster_bits) / 8)
-        .map(|i| {
-            f.read_exact_at(&mut e, l2 + i * 8).unwrap();
-            (i, be(&e))
-        })
-        .find(|(_, x)| x & (1 << 62) != 0)
+    let (slot, _, entry, cluster_bits) = first_l2_entry(&img, |x| x & (1 << 62) != 0)
         .expect("qemu-img convert -c wrote compressed clusters");
-    drop(f);
     let host = entry & ((1u64 << (62 - (cluster_bits - 8))) - 1);
     let guest = slot << cluster_bits;
     flip(&img, host + 40);

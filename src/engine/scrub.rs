@@ -134,17 +134,15 @@ impl Engine {
     /// `chainvault verify --deep`, `POST /api/v1/verify/deep`.
     pub async fn deep_verify(&self, req: DeepVerifyRequest) -> EngineResult<DeepVerifyReport> {
         self.check_not_stopping()?;
-        let disks: Vec<DiskBackupRecord> = self
-            .catalog
-            .all_disks()
-            .map_err(cat)?
-            .into_iter()
-            .filter(|d| d.status == Status::Completed)
+        let completed = self.completed_points()?;
+        let disks: Vec<DiskBackupRecord> = completed
+            .iter()
             .filter(|d| req.vm_name.as_ref().is_none_or(|v| *v == d.vm_name))
+            .cloned()
             .collect();
         let rate = req.rate_mib_s.filter(|r| *r > 0).map(|r| r << 20);
         let _one = self.scrub_lock.lock().await;
-        self.scrub(disks, rate).await
+        self.scrub(disks, completed, rate).await
     }
 
     /// One turn of the daemon's deep-verify schedule: the points whose last
@@ -155,14 +153,14 @@ impl Engine {
         let Ok(_one) = self.scrub_lock.try_lock() else {
             return;
         };
-        let Ok(all) = self.catalog.all_disks() else {
+        let Ok(completed) = self.completed_points() else {
             return;
         };
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        let mut due: Vec<(Option<i64>, DiskBackupRecord)> = all
-            .into_iter()
-            .filter(|d| d.status == Status::Completed && d.digest.is_some())
-            .map(|d| (verified_at(&d), d))
+        let mut due: Vec<(Option<i64>, &DiskBackupRecord)> = completed
+            .iter()
+            .filter(|d| d.digest.is_some())
+            .map(|d| (verified_at(d), d))
             .filter(|(at, _)| at.is_none_or(|t| now - t >= every.as_secs() as i64))
             .collect();
         if due.is_empty() {
@@ -172,10 +170,10 @@ impl Engine {
         let batch: Vec<DiskBackupRecord> = due
             .into_iter()
             .take(SCHEDULED_BATCH)
-            .map(|(_, d)| d)
+            .map(|(_, d)| d.clone())
             .collect();
         let rate = Some(self.cfg.verify_rate_mib_s.max(1) << 20);
-        match self.scrub(batch, rate).await {
+        match self.scrub(batch, completed, rate).await {
             Ok(r) if r.points_bad > 0 => warn!(
                 points = r.points_checked,
                 bad = r.points_bad,
@@ -187,30 +185,37 @@ impl Engine {
         }
     }
 
-    /// Check `disks` and keep each one's result with its record.
-    async fn scrub(
-        &self,
-        mut disks: Vec<DiskBackupRecord>,
-        rate: Option<u64>,
-    ) -> EngineResult<DeepVerifyReport> {
-        disks.sort_by(|a, b| {
-            (&a.vm_name, a.disk_id, &a.backup_id).cmp(&(&b.vm_name, b.disk_id, &b.backup_id))
-        });
-        // Every completed point of the disks checked, to name the later
-        // points a bad block affects.
-        let mut family: Vec<DiskBackupRecord> = self
+    /// Every completed point in the catalog.
+    fn completed_points(&self) -> EngineResult<Vec<DiskBackupRecord>> {
+        Ok(self
             .catalog
             .all_disks()
             .map_err(cat)?
             .into_iter()
             .filter(|d| d.status == Status::Completed)
-            .filter(|d| {
-                disks
-                    .iter()
-                    .any(|x| x.vm_name == d.vm_name && x.disk_id == d.disk_id)
-            })
+            .collect())
+    }
+
+    /// Check `disks` and keep each one's result with its record. `completed`
+    /// is every completed point, from which those of the same disks name the
+    /// later points a bad block affects.
+    async fn scrub(
+        &self,
+        mut disks: Vec<DiskBackupRecord>,
+        completed: Vec<DiskBackupRecord>,
+        rate: Option<u64>,
+    ) -> EngineResult<DeepVerifyReport> {
+        disks.sort_by(|a, b| {
+            (&a.vm_name, a.disk_id, &a.backup_id).cmp(&(&b.vm_name, b.disk_id, &b.backup_id))
+        });
+        let checked: std::collections::HashSet<(&str, u32)> = disks
+            .iter()
+            .map(|d| (d.vm_name.as_str(), d.disk_id))
             .collect();
-        family.extend(disks.iter().cloned());
+        let family: Vec<DiskBackupRecord> = completed
+            .into_iter()
+            .filter(|d| checked.contains(&(d.vm_name.as_str(), d.disk_id)))
+            .collect();
         let data = self.data.clone();
         let opts = self.chain_options(false);
         let stop = self.scrub_stop.clone();
