@@ -50,6 +50,20 @@ impl Image {
                     if let Some(h) = host {
                         self.check_host(h.0, cbase)?;
                     }
+                    // Most clusters are all one state: one segment, not 32
+                    // (an overlay's untouched clusters are all unallocated).
+                    let (alloc, zero) = (bitmap as u32, (bitmap >> 32) as u32);
+                    let uniform = match (alloc, zero, host) {
+                        (0, 0, _) => Some(Seg::Unalloc),
+                        (0, u32::MAX, _) => Some(Seg::Zero),
+                        (u32::MAX, 0, Some(h)) => Some(Seg::Data(h.0 + (pos - cbase))),
+                        _ => None,
+                    };
+                    if let Some(seg) = uniform {
+                        push(pos, cend - pos, seg);
+                        pos = cend;
+                        continue;
+                    }
                     let mut p = pos;
                     while p < cend {
                         let si = ((p - cbase) / ss) as u32;
