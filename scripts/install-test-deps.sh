@@ -34,6 +34,7 @@ TOOLS=(
     "sfdisk fdisk"
     "fio fio"
     "python3 python3"
+    "b3sum b3sum"
     "mountpoint util-linux"
     "ntfsinfo ntfs-3g"
     "ntfscat ntfs-3g"

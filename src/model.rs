@@ -119,7 +119,7 @@ pub struct CompleteRequest {
     #[serde(default)]
     pub bytes_transferred: Option<u64>,
     /// The client's digest of what it read from the source
-    /// (`cvblk1-sha256:<hex>`, docs/layout.md): the disk fails unless the
+    /// (`cvblk2-blake3:<hex>`, docs/layout.md): the disk fails unless the
     /// stored point has the same.
     #[serde(default)]
     pub digest: Option<String>,
@@ -132,7 +132,7 @@ pub struct CompleteResponse {
     pub backup_id: String,
     pub disk_id: u32,
     pub change_id: String,
-    /// The point's digest (`cvblk1-sha256:<hex>`).
+    /// The point's digest (`cvblk2-blake3:<hex>`).
     #[serde(default)]
     pub digest: Option<String>,
     pub message: String,
@@ -205,7 +205,7 @@ pub struct DiskBackupRecord {
     pub image: String,
     pub status: Status,
     pub change_id: Option<String>,
-    /// What the point reads, as `cvblk1-sha256:<hex>` (docs/layout.md);
+    /// What the point reads, as `cvblk2-blake3:<hex>` (docs/layout.md);
     /// recorded with the change_id. None for points made before digests.
     #[serde(default)]
     pub digest: Option<String>,

@@ -17,23 +17,23 @@ fn cv_digest(source: &str) -> String {
     let out = run_ok(cmd(BIN, &["digest", "--json", source]));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let d = s(&v["digest"]);
-    assert!(d.starts_with("cvblk1-sha256:"), "{d}");
+    assert!(d.starts_with("cvblk2-blake3:"), "{d}");
     d
 }
 
 /// The construction of docs/layout.md written out again in Python, as a
-/// reimplementer would, over a raw file.
+/// reimplementer would, over a raw file, with Debian's `b3sum` for BLAKE3.
 fn python_digest(raw: &Path) -> String {
     let prog = r#"
-import hashlib, os, struct, sys
+import os, struct, subprocess, sys
+def b3(data):
+    return subprocess.run(["b3sum", "--raw"], input=data, stdout=subprocess.PIPE, check=True).stdout
 p = sys.argv[1]; size = os.path.getsize(p); B = 65536
-h = hashlib.sha256(b"chainvault-cvb1\0" + struct.pack("<QII", size, B, 0))
+parts = [b"chainvault-cvb2\0" + struct.pack("<QII", size, B, 0)]
 with open(p, "rb") as f:
-    while True:
-        b = f.read(B)
-        if not b: break
-        h.update(hashlib.sha256(b).digest())
-print("cvblk1-sha256:" + h.hexdigest())
+    while block := f.read(B):
+        parts.append(b3(block))
+print("cvblk2-blake3:" + b3(b"".join(parts)).hex())
 "#;
     let out = run_ok(cmd("python3", &["-c", prog, &p(raw)]));
     text(&out.stdout).trim().to_string()
@@ -285,7 +285,7 @@ fn bad_digests_are_refused_and_change_nothing() {
     for (what, body, want) in [
         (
             "malformed",
-            json!({"change_id": "c", "disk_id": 0, "digest": "cvblk1-sha256:xyz"}),
+            json!({"change_id": "c", "disk_id": 0, "digest": "cvblk2-blake3:xyz"}),
             400,
         ),
         (
@@ -305,7 +305,7 @@ fn bad_digests_are_refused_and_change_nothing() {
         ),
         (
             "a disk it has not",
-            json!({"change_id": "c", "disk_id": 3, "digest": format!("cvblk1-sha256:{zeros}")}),
+            json!({"change_id": "c", "disk_id": 3, "digest": format!("cvblk2-blake3:{zeros}")}),
             404,
         ),
     ] {
@@ -344,7 +344,7 @@ fn bad_digests_are_refused_and_change_nothing() {
     let id2 = s(&started["backup_id"]);
     let r = d.post(
         &format!("/api/v1/backups/{id2}/complete"),
-        &json!({"change_id": "c2", "disk_id": 0, "digest": format!("cvblk1-sha256:{zeros}")}),
+        &json!({"change_id": "c2", "disk_id": 0, "digest": format!("cvblk2-blake3:{zeros}")}),
     );
     assert_error("wrong digest", &r, 409);
     assert_eq!(

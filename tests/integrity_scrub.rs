@@ -249,7 +249,7 @@ fn mount_warns(m: &Mount, ids: &[String], bad: Option<usize>) {
         }
         let info: Value =
             serde_json::from_slice(&std::fs::read(dir.join("info.json")).unwrap()).unwrap();
-        assert!(s(&info["digest"]).starts_with("cvblk1-sha256:"), "{info}");
+        assert!(s(&info["digest"]).starts_with("cvblk2-blake3:"), "{info}");
         if j == bad {
             assert_eq!(info["deep_verify"]["ok"], false, "{info}");
         }

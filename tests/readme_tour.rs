@@ -176,7 +176,7 @@ fn readme_tour_runs_verbatim() {
     // source's are one digest.
     let digests: Vec<&str> = stdout
         .split_whitespace()
-        .filter(|w| w.starts_with("cvblk1-sha256:") && w.len() == 14 + 64)
+        .filter(|w| w.starts_with("cvblk2-blake3:") && w.len() == 14 + 64)
         .collect();
     assert!(digests.len() >= 3, "three digests expected:\n{show}");
     let last3 = &digests[digests.len() - 3..];

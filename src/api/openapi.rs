@@ -430,7 +430,7 @@ fn build_core() -> Value {
                         "change_id": { "type": "string", "minLength": 1, "description": "The hypervisor's change_id for this disk's snapshot; stored as an opaque string." },
                         "disk_id": { "type": "integer", "minimum": 0 },
                         "bytes_transferred": { "type": ["integer", "null"], "minimum": 0 },
-                        "digest": { "type": ["string", "null"], "pattern": "^cvblk1-sha256:[0-9a-f]{64}$", "description": "The client's digest of what it read from the source (docs/layout.md, \"Block digests\"). When given, the disk fails unless the stored point has the same digest." }
+                        "digest": { "type": ["string", "null"], "pattern": "^cvblk2-blake3:[0-9a-f]{64}$", "description": "The client's digest of what it read from the source (docs/layout.md, \"Block digests\"). When given, the disk fails unless the stored point has the same digest." }
                     }
                 },
                 "CompleteResponse": {
@@ -441,7 +441,7 @@ fn build_core() -> Value {
                         "backup_id": { "type": "string" },
                         "disk_id": { "type": "integer", "minimum": 0 },
                         "change_id": { "type": "string" },
-                        "digest": { "type": ["string", "null"], "description": "The point's digest, cvblk1-sha256:<hex>." },
+                        "digest": { "type": ["string", "null"], "description": "The point's digest, cvblk2-blake3:<hex>." },
                         "message": { "type": "string" },
                         "timestamp": { "type": "string", "format": "date-time" },
                         "backup_status": { "allOf": [r("Status")], "description": "Status of the whole backup after this completion." }
@@ -507,7 +507,7 @@ fn build_core() -> Value {
                         "image": { "type": "string", "description": "Image path relative to the repository root." },
                         "status": r("Status"),
                         "change_id": nullable_string,
-                        "digest": { "type": ["string", "null"], "description": "What the point reads, cvblk1-sha256:<hex> (docs/layout.md, \"Block digests\"); recorded with the change_id. Null for points made before chainvault kept digests, and for imports." },
+                        "digest": { "type": ["string", "null"], "description": "What the point reads, cvblk2-blake3:<hex> (docs/layout.md, \"Block digests\"); recorded with the change_id. Null for points made before chainvault kept digests, and for imports." },
                         "deep_verify": { "type": ["object", "null"], "description": "The last deep verify of the point: at, ok, first_bad_offset, message. A point with ok false is never a parent.", "properties": { "at": { "type": "string" }, "ok": { "type": "boolean" }, "first_bad_offset": { "type": ["integer", "null"] }, "message": { "type": ["string", "null"] } } },
                         "bytes_transferred": { "type": ["integer", "null"] },
                         "size_on_disk": { "type": ["integer", "null"] },

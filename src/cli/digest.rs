@@ -1,5 +1,5 @@
 //! `chainvault digest SOURCE`: the content digest of a disk
-//! (`cvblk1-sha256:<hex>`, docs/layout.md "Block digests"), from a raw file,
+//! (`cvblk2-blake3:<hex>`, docs/layout.md "Block digests"), from a raw file,
 //! a block device, a qcow2 image with its backing chain, or an NBD URI, so
 //! that an operator can compare a production disk with a point.
 

@@ -72,7 +72,7 @@ pub enum Command {
     /// restore's writes as an image).
     #[command(subcommand)]
     Restores(restore::RestoresCmd),
-    /// Print the content digest (cvblk1-sha256:HEX) of a raw file, block
+    /// Print the content digest (cvblk2-blake3:HEX) of a raw file, block
     /// device, qcow2 image or chain, or NBD export, to compare with a point's.
     Digest(digest::DigestArgs),
     /// Check the repository (as `chain verify`); with --deep, read every

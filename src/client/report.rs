@@ -25,7 +25,7 @@ pub struct DiskReport {
     pub previous_change_id: String,
     /// The change_id recorded at completion.
     pub change_id: Option<String>,
-    /// The digest of the source as read (`cvblk1-sha256:<hex>`), sent with
+    /// The digest of the source as read (`cvblk2-blake3:<hex>`), sent with
     /// the completion; None when the parent point had no block digests.
     pub digest: Option<String>,
     pub backup_id: Option<String>,

@@ -43,11 +43,11 @@ fn first_difference(
             let what = if got == zero_digest(block_len(size, i)) {
                 "reads zeroes there (was the write lost?)".to_string()
             } else {
-                format!("holds other bytes there (sha256 {}…)", &hex(&got)[..16])
+                format!("holds other bytes there (blake3 {}…)", &hex(&got)[..16])
             };
             return Ok(Some(format!(
                 "the first differing block is block {i} at offset {} ({} bytes): the client read \
-                 sha256 {}…, the point {what}",
+                 blake3 {}…, the point {what}",
                 i * BLOCK,
                 block_len(size, i),
                 &hex(&want)[..16]
@@ -177,7 +177,8 @@ impl Engine {
                 Some(r) => r.to_whole_bytes().map_err(EngineError::Internal),
                 None => Err(EngineError::Conflict(format!(
                     "point {backup_id} disk {disk_id} has no block digests recorded (it was made or \
-                     imported before chainvault kept them); the next backup of this disk records them"
+                     imported before chainvault kept them, or by a development build that used \
+                     another construction); the next backup of this disk records them"
                 ))),
             }
         })

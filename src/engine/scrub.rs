@@ -296,7 +296,7 @@ fn scrub_all(
                 continue;
             }
         };
-        if !file::path_of(&image).exists() {
+        if !file::has_current(&image) {
             rep.points_without_digests += 1;
             continue;
         }
