@@ -483,6 +483,9 @@ pub struct RestoreRequest {
 pub struct RestoreView {
     pub restore_id: String,
     pub backup_id: String,
+    /// The VM the point belongs to.
+    #[serde(default)]
+    pub vm_name: String,
     pub disk_id: u32,
     pub export_name: String,
     pub nbd_uri: String,
@@ -598,6 +601,102 @@ impl VerifyReport {
     pub fn is_clean(&self) -> bool {
         self.problems.is_empty()
     }
+}
+
+// ---------------------------------------------------------------------------
+// API tokens (docs/api.md, "Tokens and roles")
+// ---------------------------------------------------------------------------
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Everything.
+    Admin,
+    /// Start, complete and fail backups; read change_ids and its VMs' backups.
+    Backup,
+    /// List backups, open read-only restores, read files; never write.
+    Restore,
+    /// Read-only: lists, metrics, verify results.
+    Audit,
+}
+
+impl Role {
+    pub const ALL: [Role; 4] = [Role::Admin, Role::Backup, Role::Restore, Role::Audit];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Backup => "backup",
+            Role::Restore => "restore",
+            Role::Audit => "audit",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// A token as the catalog keeps it: never the secret, only its hash.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub name: String,
+    pub role: Role,
+    /// VM names or glob patterns (`*`, `?`) the token is limited to; empty
+    /// means every VM.
+    #[serde(default)]
+    pub vms: Vec<String>,
+    /// BLAKE3 of the secret, lower-case hex.
+    pub secret_hash: String,
+    pub created_at: String,
+}
+
+/// A token as the API and the CLI show it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenView {
+    pub name: String,
+    pub role: Role,
+    pub vms: Vec<String>,
+    pub created_at: String,
+}
+
+impl From<&TokenRecord> for TokenView {
+    fn from(t: &TokenRecord) -> Self {
+        TokenView {
+            name: t.name.clone(),
+            role: t.role,
+            vms: t.vms.clone(),
+            created_at: t.created_at.clone(),
+        }
+    }
+}
+
+/// Body of `POST /api/v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub name: String,
+    pub role: String,
+    #[serde(default)]
+    pub vms: Vec<String>,
+}
+
+/// Response of `POST /api/v1/tokens`: the only time the secret is shown.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenCreated {
+    pub name: String,
+    pub role: Role,
+    pub vms: Vec<String>,
+    pub created_at: String,
+    /// The secret, to send as `Authorization: Bearer <token>`.
+    pub token: String,
+}
+
+/// Response of `GET /api/v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenList {
+    pub tokens: Vec<TokenView>,
 }
 
 /// RFC 3339 UTC timestamp of now.

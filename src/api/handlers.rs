@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
+use super::auth::Access;
 use super::error::{ApiError, ApiResult};
 use super::extract::{ApiJson, ApiPath, ApiQuery, OptionalJson};
 use crate::engine::Engine;
@@ -29,6 +30,17 @@ where
 {
     let engine = st.engine.clone();
     Ok(tokio::task::spawn_blocking(move || f(&engine)).await??)
+}
+
+/// Ok when the token may see backup `id` (its VM is one of the token's);
+/// else the 404 of a backup that does not exist.
+pub(super) async fn check_backup(st: &AppState, access: &Access, id: &str) -> ApiResult<()> {
+    if !access.limited() {
+        return Ok(());
+    }
+    let i = id.to_string();
+    let b = blocking(st, move |e| e.get_backup(&i)).await?;
+    access.owns(&b.backup.vm_name, "backup", id)
 }
 
 /// A required text query parameter: present and not blank.
@@ -65,17 +77,21 @@ fn optional(v: &Option<String>) -> Option<&str> {
 /// `POST /api/v1/backups`: start a VM-level backup, one NBD target per disk.
 pub async fn start_backup(
     State(st): State<AppState>,
+    access: Access,
     ApiJson(req): ApiJson<StartRequest>,
 ) -> ApiResult<Json<StartResponse>> {
+    access.vm(&req.vm_name)?;
     Ok(Json(st.engine.start_backup(req).await?))
 }
 
 /// `POST /api/v1/backups/{id}/complete`: complete one disk with its change_id.
 pub async fn complete_disk(
     State(st): State<AppState>,
+    access: Access,
     ApiPath(backup_id): ApiPath<String>,
     ApiJson(req): ApiJson<CompleteRequest>,
 ) -> ApiResult<Json<CompleteResponse>> {
+    check_backup(&st, &access, &backup_id).await?;
     if req
         .change_id
         .as_deref()
@@ -110,9 +126,11 @@ pub struct FailRequest {
 /// `POST /api/v1/backups/{id}/fail`: the client gives up; its images are removed.
 pub async fn fail_backup(
     State(st): State<AppState>,
+    access: Access,
     ApiPath(backup_id): ApiPath<String>,
     OptionalJson(req): OptionalJson<FailRequest>,
 ) -> ApiResult<Json<BackupView>> {
+    check_backup(&st, &access, &backup_id).await?;
     let reason = req
         .reason
         .as_deref()
@@ -134,10 +152,12 @@ pub struct DiskQuery {
 /// the next incremental from ("" when there is none).
 pub async fn previous_change_id(
     State(st): State<AppState>,
+    access: Access,
     ApiQuery(q): ApiQuery<DiskQuery>,
 ) -> ApiResult<Json<ChangeIdResponse>> {
     const EX: &str = "/api/v1/backups/changeid?vm_name=pgtest1&disk_id=0";
     let vm = required(&q.vm_name, "vm_name", EX)?.to_string();
+    access.vm(&vm)?;
     let disk = disk_index(&q.disk_id, EX)?;
     Ok(Json(
         blocking(&st, move |e| e.previous_change_id(&vm, disk)).await?,
@@ -161,6 +181,7 @@ pub struct BackupList {
 /// `GET /api/v1/backups?vm_name=&status=`: backups, oldest first.
 pub async fn list_backups(
     State(st): State<AppState>,
+    access: Access,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<BackupList>> {
     let vm = optional(&q.vm_name).map(str::to_string);
@@ -173,7 +194,8 @@ pub async fn list_backups(
             .with_details(serde_json::json!({ "parameter": "status", "value": s }))
         })?),
     };
-    let backups = blocking(&st, move |e| e.list_backups(vm.as_deref(), status)).await?;
+    let mut backups = blocking(&st, move |e| e.list_backups(vm.as_deref(), status)).await?;
+    backups.retain(|b| access.sees(&b.backup.vm_name));
     Ok(Json(BackupList {
         count: backups.len(),
         backups,
@@ -183,10 +205,12 @@ pub async fn list_backups(
 /// `GET /api/v1/backups/chain?vm_name=&disk_id=`: every point of one disk.
 pub async fn chain(
     State(st): State<AppState>,
+    access: Access,
     ApiQuery(q): ApiQuery<DiskQuery>,
 ) -> ApiResult<Json<ChainView>> {
     const EX: &str = "/api/v1/backups/chain?vm_name=pgtest1&disk_id=0";
     let vm = required(&q.vm_name, "vm_name", EX)?.to_string();
+    access.vm(&vm)?;
     let disk = disk_index(&q.disk_id, EX)?;
     Ok(Json(blocking(&st, move |e| e.chain(&vm, disk)).await?))
 }
@@ -197,8 +221,10 @@ pub const SOURCE_DIGESTS_LIMIT: usize = 64 + 40 * (1 << 30);
 /// `GET /api/v1/backups/{id}/disks/{disk}/digests`.
 pub async fn point_digests(
     State(st): State<AppState>,
+    access: Access,
     ApiPath((backup_id, disk_id)): ApiPath<(String, u32)>,
 ) -> ApiResult<axum::response::Response> {
+    check_backup(&st, &access, &backup_id).await?;
     let bytes = st.engine.point_digests(&backup_id, disk_id).await?;
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
@@ -210,9 +236,11 @@ pub async fn point_digests(
 /// `PUT /api/v1/backups/{id}/disks/{disk}/source-digests`.
 pub async fn put_source_digests(
     State(st): State<AppState>,
+    access: Access,
     ApiPath((backup_id, disk_id)): ApiPath<(String, u32)>,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
+    check_backup(&st, &access, &backup_id).await?;
     let n = st
         .engine
         .put_source_digests(&backup_id, disk_id, body.to_vec())
@@ -224,19 +252,23 @@ pub async fn put_source_digests(
 /// one VM's) and compare it with its block digest.
 pub async fn deep_verify(
     State(st): State<AppState>,
+    access: Access,
     ApiJson(req): ApiJson<DeepVerifyRequest>,
 ) -> ApiResult<Json<DeepVerifyReport>> {
+    access.optional_vm(req.vm_name.as_deref())?;
     Ok(Json(st.engine.deep_verify(req).await?))
 }
 
 /// `GET /api/v1/backups/{id}`.
 pub async fn get_backup(
     State(st): State<AppState>,
+    access: Access,
     ApiPath(backup_id): ApiPath<String>,
 ) -> ApiResult<Json<BackupView>> {
-    Ok(Json(
-        blocking(&st, move |e| e.get_backup(&backup_id)).await?,
-    ))
+    let id = backup_id.clone();
+    let b = blocking(&st, move |e| e.get_backup(&id)).await?;
+    access.owns(&b.backup.vm_name, "backup", &backup_id)?;
+    Ok(Json(b))
 }
 
 /// Response of the DELETE endpoints.
@@ -255,9 +287,11 @@ pub struct DeletedResponse {
 /// `PATCH /api/v1/backups/{backup_id}`: protection and note.
 pub async fn annotate_backup(
     State(st): State<AppState>,
+    access: Access,
     ApiPath(backup_id): ApiPath<String>,
     ApiJson(req): ApiJson<AnnotateRequest>,
 ) -> ApiResult<Json<BackupView>> {
+    check_backup(&st, &access, &backup_id).await?;
     Ok(Json(
         st.engine
             .annotate_backup(&backup_id, req.protected, req.note)
@@ -267,8 +301,10 @@ pub async fn annotate_backup(
 
 pub async fn delete_backup(
     State(st): State<AppState>,
+    access: Access,
     ApiPath(backup_id): ApiPath<String>,
 ) -> ApiResult<Json<DeletedResponse>> {
+    check_backup(&st, &access, &backup_id).await?;
     st.engine.delete_backup(&backup_id).await?;
     Ok(Json(DeletedResponse {
         status: "deleted".into(),
@@ -289,8 +325,12 @@ pub struct RestoreList {
     pub restores: Vec<RestoreView>,
 }
 
-pub async fn list_restores(State(st): State<AppState>) -> ApiResult<Json<RestoreList>> {
-    let r = blocking(&st, |e| Ok(e.restores())).await?;
+pub async fn list_restores(
+    State(st): State<AppState>,
+    access: Access,
+) -> ApiResult<Json<RestoreList>> {
+    let mut r = blocking(&st, |e| Ok(e.restores())).await?;
+    r.retain(|x| access.sees(&x.vm_name));
     Ok(Json(RestoreList { restores: r }))
 }
 
@@ -308,17 +348,35 @@ pub struct CloseQuery {
 /// or with `writable` through a scratch overlay).
 pub async fn open_restore(
     State(st): State<AppState>,
+    access: Access,
     ApiJson(req): ApiJson<RestoreRequest>,
 ) -> ApiResult<Json<RestoreView>> {
+    check_backup(&st, &access, &req.backup_id).await?;
+    if req.writable {
+        access.role_in(&[Role::Admin], "open a writable (instant) restore")?;
+    }
     Ok(Json(st.engine.open_restore(req).await?))
 }
 
 /// `DELETE /api/v1/restores/{id}`: close a restore export.
 pub async fn close_restore(
     State(st): State<AppState>,
+    access: Access,
     ApiPath(restore_id): ApiPath<String>,
     ApiQuery(q): ApiQuery<CloseQuery>,
 ) -> ApiResult<Json<DeletedResponse>> {
+    if access.limited() {
+        let restores = blocking(&st, |e| Ok(e.restores())).await?;
+        if let Some(r) = restores.iter().find(|r| r.restore_id == restore_id) {
+            access.owns(&r.vm_name, "restore", &restore_id)?;
+        }
+    }
+    if q.keep_as.is_some() {
+        access.role_in(
+            &[Role::Admin],
+            "keep an instant restore's writes as a file (keep_as)",
+        )?;
+    }
     let kept = st
         .engine
         .close_restore(&restore_id, q.keep_as.as_deref())
@@ -351,9 +409,11 @@ pub struct VerifyQuery {
 /// 200 with the report whether or not it found problems.
 pub async fn verify(
     State(st): State<AppState>,
+    access: Access,
     ApiQuery(q): ApiQuery<VerifyQuery>,
 ) -> ApiResult<Json<VerifyReport>> {
     let vm = optional(&q.vm_name).map(str::to_string);
+    access.optional_vm(vm.as_deref())?;
     Ok(Json(blocking(&st, move |e| e.verify(vm.as_deref())).await?))
 }
 

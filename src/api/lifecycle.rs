@@ -5,6 +5,7 @@ use axum::extract::State;
 use axum::Json;
 use serde::Serialize;
 
+use super::auth::Access;
 use super::error::ApiResult;
 use super::extract::{ApiJson, ApiPath, ApiQuery, OptionalJson};
 use super::handlers::AppState;
@@ -17,10 +18,13 @@ pub struct PolicyList {
     pub policies: Vec<PolicyView>,
 }
 
-pub async fn list_policies(State(st): State<AppState>) -> ApiResult<Json<PolicyList>> {
-    Ok(Json(PolicyList {
-        policies: st.engine.policies()?,
-    }))
+pub async fn list_policies(
+    State(st): State<AppState>,
+    access: Access,
+) -> ApiResult<Json<PolicyList>> {
+    let mut policies = st.engine.policies()?;
+    policies.retain(|p| p.vm_name.as_deref().is_none_or(|v| access.sees(v)));
+    Ok(Json(PolicyList { policies }))
 }
 
 pub async fn get_default_policy(State(st): State<AppState>) -> ApiResult<Json<PolicyView>> {
@@ -42,24 +46,30 @@ pub async fn delete_default_policy(State(st): State<AppState>) -> ApiResult<Json
 /// The policy that applies to the VM: its own, else the default.
 pub async fn get_vm_policy(
     State(st): State<AppState>,
+    access: Access,
     ApiPath(vm): ApiPath<String>,
 ) -> ApiResult<Json<PolicyView>> {
+    access.vm(&vm)?;
     Ok(Json(st.engine.policy(Some(&vm))?))
 }
 
 pub async fn put_vm_policy(
     State(st): State<AppState>,
+    access: Access,
     ApiPath(vm): ApiPath<String>,
     ApiJson(req): ApiJson<PolicyRequest>,
 ) -> ApiResult<Json<PolicyView>> {
+    access.vm(&vm)?;
     Ok(Json(st.engine.set_policy(Some(&vm), &req)?))
 }
 
 /// Remove the VM's own policy; the answer is what applies now (the default).
 pub async fn delete_vm_policy(
     State(st): State<AppState>,
+    access: Access,
     ApiPath(vm): ApiPath<String>,
 ) -> ApiResult<Json<PolicyView>> {
+    access.vm(&vm)?;
     st.engine.clear_policy(Some(&vm))?;
     Ok(Json(st.engine.policy(Some(&vm))?))
 }
@@ -67,16 +77,20 @@ pub async fn delete_vm_policy(
 /// `POST /api/v1/prune` (an empty body prunes every VM by its policy).
 pub async fn prune(
     State(st): State<AppState>,
+    access: Access,
     OptionalJson(req): OptionalJson<PruneRequest>,
 ) -> ApiResult<Json<PruneReport>> {
+    access.optional_vm(req.vm_name.as_deref())?;
     Ok(Json(st.engine.prune(&req).await?))
 }
 
 /// `POST /api/v1/imports`: adopt existing qcow2 files as the next points of a disk.
 pub async fn import(
     State(st): State<AppState>,
+    access: Access,
     ApiJson(req): ApiJson<ImportRequest>,
 ) -> ApiResult<Json<ImportReport>> {
+    access.vm(&req.vm_name)?;
     Ok(Json(st.engine.import(req).await?))
 }
 
@@ -98,8 +112,10 @@ pub struct UsageQuery {
 /// `GET /api/v1/usage?vm_name=`.
 pub async fn usage(
     State(st): State<AppState>,
+    access: Access,
     ApiQuery(q): ApiQuery<UsageQuery>,
 ) -> ApiResult<Json<UsageReport>> {
+    access.optional_vm(q.vm_name.as_deref())?;
     let engine = st.engine.clone();
     let r = tokio::task::spawn_blocking(move || engine.usage(q.vm_name.as_deref(), true)).await??;
     Ok(Json(r))

@@ -1,8 +1,9 @@
 //! The HTTP control API (axum): thin handlers over the [`Engine`].
 //!
 //! * Every error is JSON, `{"error": "...", "details": ...}`: see [`error`].
-//! * With a token configured, every route but `/healthz` needs
-//!   `Authorization: Bearer <token>`.
+//! * With a token configured (`serve --token`, or tokens in the catalog),
+//!   every route but `/healthz` needs `Authorization: Bearer <token>`, and
+//!   each token's role decides what it may call: see [`auth`].
 //! * Request bodies are limited to [`BODY_LIMIT_BYTES`].
 //! * Each request runs in a tracing span with its method and path; its status
 //!   and latency are logged when it ends.
@@ -10,18 +11,20 @@
 //! docs/api.md describes the endpoints; `GET /api/v1/openapi.json` serves
 //! their OpenAPI 3 description.
 
+pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod handlers;
 pub mod lifecycle;
 pub mod openapi;
+pub mod tokens;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -69,17 +72,22 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/usage"),
     ("get", "/api/v1/verify"),
     ("post", "/api/v1/verify/deep"),
+    ("get", "/api/v1/tokens"),
+    ("post", "/api/v1/tokens"),
+    ("delete", "/api/v1/tokens/{name}"),
     ("get", "/api/v1/openapi.json"),
     ("get", "/healthz"),
     ("get", "/metrics"),
 ];
 
-/// The paths that need no token.
-const PUBLIC_PATHS: &[&str] = &["/healthz"];
-
-/// The API's router. `auth_token`: when `Some`, every route but `/healthz`
-/// requires `Authorization: Bearer <token>`.
+/// The API's router. `auth_token`: the `serve --token` secret, an admin
+/// token; with it, or with tokens in the catalog, every route but
+/// `/healthz` requires `Authorization: Bearer <token>`.
 pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
+    let auth = auth::AuthState {
+        engine: engine.clone(),
+        serve_token: auth_token.filter(|t| !t.is_empty()).map(Arc::from),
+    };
     let state = AppState { engine };
     let app = Router::new()
         .route(
@@ -141,6 +149,14 @@ pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
         .route("/api/v1/usage", get(lifecycle::usage))
         .route("/api/v1/verify", get(handlers::verify))
         .route("/api/v1/verify/deep", post(handlers::deep_verify))
+        .route(
+            "/api/v1/tokens",
+            get(tokens::list_tokens).post(tokens::create_token),
+        )
+        .route(
+            "/api/v1/tokens/{name}",
+            axum::routing::delete(tokens::revoke_token),
+        )
         .route("/api/v1/openapi.json", get(handlers::openapi))
         .route("/healthz", get(handlers::healthz))
         .route("/metrics", get(handlers::metrics))
@@ -150,14 +166,9 @@ pub fn router(engine: Arc<Engine>, auth_token: Option<String>) -> Router {
     // The middleware wraps the whole router as one service (not each route, as
     // `Router::layer` would), so that it sees the finished responses, e.g.
     // axum's 405 with its `Allow` header.
-    let mut outer = Router::new().fallback_service(app);
-    if let Some(token) = auth_token.filter(|t| !t.is_empty()) {
-        outer = outer.layer(middleware::from_fn_with_state(
-            Arc::<str>::from(token),
-            require_token,
-        ));
-    }
-    outer
+    Router::new()
+        .fallback_service(app)
+        .layer(middleware::from_fn_with_state(auth, auth::authorize))
         .layer(middleware::from_fn(declared_length))
         .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn(trace))
@@ -205,7 +216,7 @@ async fn trace(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let span = tracing::info_span!("http", %method, %path);
+    let span = tracing::info_span!("http", %method, %path, token = tracing::field::Empty);
     async move {
         let resp = next.run(req).await;
         let status = resp.status().as_u16();
@@ -274,45 +285,9 @@ fn is_json(resp: &Response<Body>) -> bool {
         .is_some_and(|v| v.starts_with("application/json"))
 }
 
-/// Bearer-token check for every path but [`PUBLIC_PATHS`].
-async fn require_token(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
-    if PUBLIC_PATHS.contains(&req.uri().path()) {
-        return next.run(req).await;
-    }
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-        return ApiError::unauthorized(
-            "missing Authorization header: this daemon requires `Authorization: Bearer <token>` \
-             with the token it was started with (chainvault serve --token / CHAINVAULT_TOKEN)",
-        )
-        .into_response();
-    };
-    match bearer(value) {
-        Some(given) if constant_time_eq(given.as_bytes(), token.as_bytes()) => next.run(req).await,
-        Some(_) => ApiError::unauthorized(
-            "invalid bearer token: use the token the daemon was started with (chainvault serve --token / CHAINVAULT_TOKEN)",
-        )
-        .into_response(),
-        None => ApiError::unauthorized(
-            "malformed Authorization header: expected `Authorization: Bearer <token>`",
-        )
-        .into_response(),
-    }
-}
-
-/// The token of a `Bearer` Authorization header (scheme case-insensitive).
-fn bearer(v: &HeaderValue) -> Option<&str> {
-    let s = v.to_str().ok()?.trim();
-    let (scheme, token) = s.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return None;
-    }
-    let token = token.trim();
-    (!token.is_empty()).then_some(token)
-}
-
 /// Compare without an early exit, so the time taken does not tell how many
 /// leading bytes matched (it depends on the longer length only).
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     let n = a.len().max(b.len());
     let mut diff = (a.len() != b.len()) as u8;
     for i in 0..n {
@@ -334,15 +309,6 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(!constant_time_eq(b"", b"x"));
         assert!(constant_time_eq(b"", b""));
-    }
-
-    #[test]
-    fn bearer_header() {
-        let h = |s: &str| HeaderValue::from_str(s).unwrap();
-        assert_eq!(bearer(&h("Bearer abc")), Some("abc"));
-        assert_eq!(bearer(&h("bearer  abc ")), Some("abc"));
-        assert_eq!(bearer(&h("Basic abc")), None);
-        assert_eq!(bearer(&h("Bearer")), None);
     }
 
     #[test]

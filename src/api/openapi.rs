@@ -40,6 +40,10 @@ fn responses(success: Value, extra: &[(&str, &str)]) -> Value {
         err("A token is configured and the request has no valid `Authorization: Bearer <token>`."),
     );
     m.insert(
+        "403".into(),
+        err("The token's role may not call this route, or it is limited to VMs and the route acts on the whole repository (docs/api.md, \"Tokens and roles\")."),
+    );
+    m.insert(
         "500".into(),
         err("Internal error (I/O, a failed image check, a bug); the daemon log has details."),
     );
@@ -572,11 +576,46 @@ fn build_core() -> Value {
                         "points": { "type": "array", "items": r("DiskBackupRecord"), "description": "Oldest first." }
                     }
                 },
+                "TokenRequest": {
+                    "type": "object",
+                    "required": ["name", "role"],
+                    "properties": {
+                        "name": { "type": "string", "pattern": "^[A-Za-z0-9._@-]{1,64}$" },
+                        "role": { "type": "string", "enum": ["admin", "backup", "restore", "audit"] },
+                        "vms": { "type": "array", "items": { "type": "string" }, "description": "VM names or glob patterns (* and ?) the token is limited to; empty or absent: every VM." }
+                    }
+                },
+                "TokenView": {
+                    "type": "object",
+                    "required": ["name", "role", "vms", "created_at"],
+                    "properties": {
+                        "name": { "type": "string" },
+                        "role": { "type": "string", "enum": ["admin", "backup", "restore", "audit"] },
+                        "vms": { "type": "array", "items": { "type": "string" } },
+                        "created_at": { "type": "string", "format": "date-time" }
+                    }
+                },
+                "TokenCreated": {
+                    "type": "object",
+                    "required": ["name", "role", "vms", "created_at", "token"],
+                    "properties": {
+                        "name": { "type": "string" },
+                        "role": { "type": "string", "enum": ["admin", "backup", "restore", "audit"] },
+                        "vms": { "type": "array", "items": { "type": "string" } },
+                        "created_at": { "type": "string", "format": "date-time" },
+                        "token": { "type": "string", "description": "The secret (cvt_ and 64 hex digits): send it as Authorization: Bearer <token>. Shown only here." }
+                    }
+                },
+                "TokenList": {
+                    "type": "object",
+                    "required": ["tokens"],
+                    "properties": { "tokens": { "type": "array", "items": r("TokenView") } }
+                },
                 "DeletedResponse": {
                     "type": "object",
                     "required": ["status", "message", "timestamp"],
                     "properties": {
-                        "status": { "type": "string", "enum": ["deleted", "closed"] },
+                        "status": { "type": "string", "enum": ["deleted", "closed", "revoked"] },
                         "backup_id": { "type": "string" },
                         "restore_id": { "type": "string" },
                         "message": { "type": "string" },
@@ -598,6 +637,7 @@ fn build_core() -> Value {
                     "properties": {
                         "restore_id": { "type": "string" },
                         "backup_id": { "type": "string" },
+                        "vm_name": { "type": "string" },
                         "disk_id": { "type": "integer", "minimum": 0 },
                         "export_name": { "type": "string" },
                         "nbd_uri": { "type": "string", "description": "NBD export of the point in time (the whole chain below it): read-only, or writable through the overlay of an instant restore." },
@@ -812,6 +852,35 @@ fn build_core() -> Value {
                     "parameters": [ query("vm_name", false, "Only this VM.", json!({ "type": "string" })) ],
                     "responses": responses(ok("What was checked and the problems found.", r("VerifyReport")), &[
                         ("404", "Unknown VM.")
+                    ])
+                }
+            },
+            "/api/v1/tokens": {
+                "get": {
+                    "operationId": "listTokens",
+                    "summary": "Every API token: name, role, the VMs it is limited to, when it was made. Never the secrets. Admin only.",
+                    "responses": responses(ok("The tokens.", r("TokenList")), &[])
+                },
+                "post": {
+                    "operationId": "createToken",
+                    "summary": "Make a token. The answer is the only place its secret appears; the catalog keeps its hash. Admin only.",
+                    "requestBody": body("TokenRequest", json!({ "name": "vcenter-backup", "role": "backup", "vms": ["web-*"] })),
+                    "responses": {
+                        "201": ok("The token, with its secret.", r("TokenCreated")),
+                        "400": err("A bad name, role or VM pattern."),
+                        "401": err("No valid token."),
+                        "403": err("Not an admin token, or one limited to VMs."),
+                        "409": err("A token of that name exists.")
+                    }
+                }
+            },
+            "/api/v1/tokens/{name}": {
+                "parameters": [ path_param("name", "The token's name.") ],
+                "delete": {
+                    "operationId": "revokeToken",
+                    "summary": "Revoke a token: requests with it are refused (401) from now on. Admin only.",
+                    "responses": responses(ok("Revoked.", r("DeletedResponse")), &[
+                        ("404", "No token of that name.")
                     ])
                 }
             },

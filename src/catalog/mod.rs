@@ -9,6 +9,7 @@
 //! | `disk_index` | vm name, NUL, disk index (u32 BE), NUL, backup id | empty (all points of one disk, in id order) |
 //! | `heads` | vm name, NUL, disk index (u32 BE) | [`ChainHead`] (JSON) |
 //! | `policies` | `default`, or `vm`, NUL, vm name | [`RetentionPolicy`] (JSON) |
+//! | `tokens` | token name | [`TokenRecord`] (JSON: role, VM patterns, the secret's hash) |
 //!
 //! Backup ids sort by time, so id order is time order. Every change that
 //! touches more than one record is one sled transaction, and every
@@ -20,7 +21,9 @@ use std::path::Path;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::Transactional;
 
-use crate::model::{BackupRecord, ChainHead, DiskBackupRecord, RetentionPolicy, Status, VmRecord};
+use crate::model::{
+    BackupRecord, ChainHead, DiskBackupRecord, RetentionPolicy, Status, TokenRecord, VmRecord,
+};
 
 /// Version of the layout above. Bumped when it changes incompatibly.
 pub const SCHEMA_VERSION: u32 = 1;
@@ -51,6 +54,7 @@ pub struct Catalog {
     index: sled::Tree,
     heads: sled::Tree,
     policies: sled::Tree,
+    tokens: sled::Tree,
 }
 
 fn policy_key(vm: Option<&str>) -> Vec<u8> {
@@ -164,6 +168,7 @@ impl Catalog {
             index: db.open_tree("disk_index")?,
             heads: db.open_tree("heads")?,
             policies: db.open_tree("policies")?,
+            tokens: db.open_tree("tokens")?,
             db,
         })
     }
@@ -301,6 +306,39 @@ impl Catalog {
                 Ok((String::from_utf8_lossy(&k[3..]).into_owned(), dec(&k, &v)?))
             })
             .collect()
+    }
+
+    /// Every API token, by name.
+    pub fn tokens(&self) -> CatalogResult<Vec<TokenRecord>> {
+        self.tokens
+            .iter()
+            .map(|r| {
+                let (k, v) = r?;
+                dec(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Whether any API token exists (the API then asks every request for one).
+    pub fn has_tokens(&self) -> CatalogResult<bool> {
+        Ok(!self.tokens.is_empty())
+    }
+
+    /// Store a new token durably; false (and nothing stored) when one of
+    /// that name exists.
+    pub fn add_token(&self, t: &TokenRecord) -> CatalogResult<bool> {
+        let r =
+            self.tokens
+                .compare_and_swap(t.name.as_bytes(), None as Option<&[u8]>, Some(enc(t)))?;
+        self.db.flush()?;
+        Ok(r.is_ok())
+    }
+
+    /// Remove a token durably; whether it was there.
+    pub fn remove_token(&self, name: &str) -> CatalogResult<bool> {
+        let old = self.tokens.remove(name.as_bytes())?;
+        self.db.flush()?;
+        Ok(old.is_some())
     }
 
     pub fn flush(&self) -> CatalogResult<()> {

@@ -12,6 +12,7 @@ pub mod policy;
 pub mod restore;
 pub mod serve;
 pub mod space;
+pub mod token;
 pub mod verify;
 
 use clap::{Parser, Subcommand};
@@ -78,6 +79,9 @@ pub enum Command {
     /// Check the repository (as `chain verify`); with --deep, read every
     /// stored block of every point and compare it with its block digest.
     Verify(verify::VerifyArgs),
+    /// API tokens with roles: create (the secret is shown once), list, revoke.
+    #[command(subcommand)]
+    Token(token::TokenCmd),
 }
 
 /// Where the daemon is, for commands that talk to it.
@@ -91,7 +95,8 @@ pub struct DaemonArgs {
         default_value = "http://127.0.0.1:8420"
     )]
     pub server: String,
-    /// Bearer token of the daemon, if it has one.
+    /// API token: the daemon's serve --token secret, or one made with
+    /// `chainvault token create`.
     #[arg(
         long,
         value_name = "TOKEN",
@@ -138,5 +143,6 @@ pub fn run(cli: Cli) -> anyhow::Result<u8> {
         Command::Restores(c) => restore::run_restores(c),
         Command::Digest(a) => digest::run(a),
         Command::Verify(a) => verify::run(a),
+        Command::Token(c) => token::run(c),
     }
 }

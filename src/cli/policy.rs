@@ -112,7 +112,7 @@ fn vm_path(vm: &Option<String>) -> String {
 }
 
 /// Percent-encode a path segment.
-fn percent(s: &str) -> String {
+pub(super) fn percent(s: &str) -> String {
     s.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {

@@ -233,13 +233,17 @@ async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
     let http_addr = listener
         .local_addr()
         .context("cannot read the HTTP listener's address")?;
+    tracing::info!(data = %a.data.display(), "opening the repository");
+    let engine = Engine::open(cfg)
+        .await
+        .with_context(|| format!("cannot open the repository in {}", a.data.display()))?;
     let token = a.token.clone().filter(|t| !t.is_empty());
-    if token.is_none() {
+    if token.is_none() && !engine.has_tokens().unwrap_or(false) {
         if !http_addr.ip().is_loopback() {
             tracing::warn!(
                 %http_addr,
                 "HTTP API on a non-loopback address WITHOUT A TOKEN: anyone who can reach it can start, \
-                 fail and delete backups. Pass --token (or CHAINVAULT_TOKEN) or listen on 127.0.0.1"
+                 fail and delete backups. Pass --token (or CHAINVAULT_TOKEN), make tokens with `chainvault token create`, or listen on 127.0.0.1"
             );
             if !tracing::enabled!(tracing::Level::WARN) {
                 eprintln!(
@@ -256,10 +260,6 @@ async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
         }
     }
 
-    tracing::info!(data = %a.data.display(), "opening the repository");
-    let engine = Engine::open(cfg)
-        .await
-        .with_context(|| format!("cannot open the repository in {}", a.data.display()))?;
     let app = crate::api::router(engine.clone(), token);
 
     let nbd = nbd_uri_base(
@@ -268,6 +268,10 @@ async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
             .cloned()
             .unwrap_or_else(|| a.nbd_address()),
     );
+    // The signal handlers are in place before anyone can know the daemon is
+    // up (the ready line, an answered request): a SIGINT right after the
+    // first /healthz must shut down cleanly, not kill the process.
+    let signals = Signals::install()?;
     {
         let mut out = std::io::stdout().lock();
         writeln!(
@@ -288,7 +292,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
             })
             .await
     });
-    let signal = wait_for_signal().await?;
+    let signal = signals.wait().await;
     tracing::info!(
         signal,
         "shutting down: no new HTTP requests; waiting for running ones"
@@ -324,15 +328,28 @@ fn http_authority(a: SocketAddr) -> String {
     }
 }
 
-/// Wait for SIGINT or SIGTERM; returns its name.
-async fn wait_for_signal() -> anyhow::Result<&'static str> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-    })
+/// The SIGINT and SIGTERM handlers.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?,
+        })
+    }
+
+    /// Wait for SIGINT or SIGTERM; returns its name.
+    async fn wait(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -149,6 +149,7 @@ impl Engine {
         let view = RestoreView {
             restore_id: rec.restore_id.clone(),
             backup_id: rec.backup_id.clone(),
+            vm_name: rec.vm_name.clone(),
             disk_id: rec.disk_id,
             export_name: rec.export_name.clone(),
             nbd_uri: self

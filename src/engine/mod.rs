@@ -33,6 +33,7 @@
 //! | `digests.rs` | block digests at completion: the client's upload, the comparison |
 //! | `scrub.rs` | deep verify: every stored block against its digest, bad blocks named |
 //! | `space.rs` | usage, orphans, gc |
+//! | `tokens.rs` | API tokens: create, list, revoke, look up by secret |
 //! | `repo.rs` | the repository's paths, sidecars, atomic writes, ids |
 
 mod backup;
@@ -49,6 +50,7 @@ pub mod repo;
 pub mod retention;
 mod scrub;
 pub mod space;
+pub mod tokens;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -205,6 +205,7 @@ impl Engine {
         let view = RestoreView {
             restore_id: restore_id.clone(),
             backup_id: req.backup_id.clone(),
+            vm_name: d.vm_name.clone(),
             disk_id: req.disk_id,
             export_name: name.clone(),
             nbd_uri: self
