@@ -185,12 +185,7 @@ impl Access {
     /// Ok when the token may see VM `vm`; else the 404 of a VM that does
     /// not exist.
     pub fn vm(&self, vm: &str) -> Result<(), ApiError> {
-        if self.sees(vm) {
-            Ok(())
-        } else {
-            self.log_hidden("VM", vm);
-            Err(crate::engine::EngineError::not_found("VM", vm).into())
-        }
+        self.owns(vm, "VM", vm)
     }
 
     /// Ok when the token may act on the thing `what` `id` of VM `vm`; else
