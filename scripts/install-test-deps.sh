@@ -35,6 +35,7 @@ TOOLS=(
     "fio fio"
     "python3 python3"
     "b3sum b3sum"
+    "openssl openssl"
     "mountpoint util-linux"
     "ntfsinfo ntfs-3g"
     "ntfscat ntfs-3g"

@@ -15,4 +15,5 @@ pub mod engine;
 pub mod export;
 pub mod model;
 pub mod restore;
+pub mod tls;
 pub mod units;

@@ -1,9 +1,16 @@
 //! Fixed newstyle negotiation (the handshake phase), server side.
 //!
 //! Supported options: EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY,
-//! LIST_META_CONTEXT, SET_META_CONTEXT and EXTENDED_HEADERS. Any other option
-//! (including STARTTLS) is answered with `NBD_REP_ERR_UNSUP` and negotiation
-//! goes on. Option payloads are bounded before anything is allocated.
+//! LIST_META_CONTEXT, SET_META_CONTEXT, EXTENDED_HEADERS and, when the
+//! server has TLS configured, STARTTLS. Any other option is answered with
+//! `NBD_REP_ERR_UNSUP` and negotiation goes on. Option payloads are bounded
+//! before anything is allocated.
+//!
+//! STARTTLS ends [`negotiate`] with [`Outcome::StartTls`]: the caller runs
+//! the TLS handshake and continues with [`after_tls`] on the encrypted
+//! stream. Everything negotiated before (header mode, metadata contexts) is
+//! forgotten then, as the protocol requires (a client must not be able to
+//! smuggle plaintext state into the TLS session; CVE-2021-3716 in nbdkit).
 
 use std::io;
 use std::sync::Arc;
@@ -14,6 +21,7 @@ use tracing::{debug, trace};
 use crate::export::{BlockExport, BlockSizes, Capabilities, MetaContext};
 use crate::proto::{self, info, opt, rep, tflag, ContextId, HeaderMode, MAX_STRING_LEN};
 use crate::server::{ExportEntry, Shared};
+use crate::tls::TlsMode;
 
 /// Largest option payload read into memory. Longer payloads are skipped
 /// (up to [`OPTION_DISCARD_LIMIT`]) and refused with `NBD_REP_ERR_TOO_BIG`.
@@ -49,6 +57,28 @@ pub enum HandshakeError {
     /// The server is shutting down.
     #[error("server shutting down")]
     Shutdown,
+    /// The server requires TLS and the client sent NBD_OPT_EXPORT_NAME
+    /// without it (that option has no error reply: the server hangs up).
+    #[error("client chose an export with NBD_OPT_EXPORT_NAME before STARTTLS; TLS is required")]
+    TlsRequired,
+}
+
+/// How a handshake phase ended.
+pub(crate) enum Outcome {
+    /// The client aborted or hung up before choosing an export.
+    Closed,
+    /// An export was chosen: the transmission phase follows.
+    Export(Negotiated),
+    /// STARTTLS was acknowledged: the TLS handshake follows, then
+    /// [`after_tls`].
+    StartTls(Resume),
+}
+
+/// What carries over a STARTTLS: only the greeting's flags and the option
+/// count (so the option limit still bounds the whole handshake).
+pub(crate) struct Resume {
+    no_zeroes: bool,
+    options: usize,
 }
 
 /// The result of a successful negotiation.
@@ -206,12 +236,9 @@ async fn discard<S: AsyncRead + Unpin>(s: &mut S, mut n: u64) -> io::Result<()> 
     Ok(())
 }
 
-/// Run the handshake on `s`. Returns `Ok(None)` when the client aborted or
-/// hung up cleanly before choosing an export.
-pub(crate) async fn negotiate<S>(
-    s: &mut S,
-    shared: &Shared,
-) -> Result<Option<Negotiated>, HandshakeError>
+/// Run the handshake on `s`: the greeting, then options until an export is
+/// chosen, the client leaves, or STARTTLS is acknowledged.
+pub(crate) async fn negotiate<S>(s: &mut S, shared: &Shared) -> Result<Outcome, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -224,19 +251,54 @@ where
 
     let client_flags = match s.read_u32().await {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(Outcome::Closed),
         Err(e) => return Err(e.into()),
     };
     if client_flags & !(proto::FLAG_C_FIXED_NEWSTYLE | proto::FLAG_C_NO_ZEROES) != 0 {
         return Err(HandshakeError::BadClientFlags(client_flags));
     }
+    let resume = Resume {
+        no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
+        options: 0,
+    };
+    options(s, shared, resume, false).await
+}
+
+/// Go on with option haggling over the TLS stream that STARTTLS started.
+pub(crate) async fn after_tls<S>(
+    s: &mut S,
+    shared: &Shared,
+    resume: Resume,
+) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    options(s, shared, resume, true).await
+}
+
+/// The option loop. `tls` says whether the stream is already encrypted.
+async fn options<S>(
+    s: &mut S,
+    shared: &Shared,
+    resume: Resume,
+    tls: bool,
+) -> Result<Outcome, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let tls_mode = shared
+        .config
+        .tls
+        .as_ref()
+        .map(|t| t.mode)
+        .unwrap_or(TlsMode::Off);
+    // Fresh state: nothing negotiated in plain text survives STARTTLS.
     let mut st = State {
         mode: HeaderMode::Simple,
-        no_zeroes: client_flags & proto::FLAG_C_NO_ZEROES != 0,
+        no_zeroes: resume.no_zeroes,
         meta: None,
     };
-
-    let mut count = 0usize;
+    let mut count = resume.options;
     loop {
         count += 1;
         if count > shared.config.max_options {
@@ -248,7 +310,7 @@ where
             r = s.read(&mut head) => r?,
         };
         if first == 0 {
-            return Ok(None);
+            return Ok(Outcome::Closed);
         }
         s.read_exact(&mut head[first..]).await?;
         let magic = u64::from_be_bytes([
@@ -278,7 +340,7 @@ where
             if option == opt::ABORT {
                 let _ = send_reply(s, option, rep::ACK, &[]).await;
                 let _ = s.flush().await;
-                return Ok(None);
+                return Ok(Outcome::Closed);
             }
             if option == opt::EXPORT_NAME {
                 return Err(HandshakeError::Shutdown);
@@ -287,14 +349,61 @@ where
             continue;
         }
 
+        if option == opt::STARTTLS {
+            if tls_mode == TlsMode::Off {
+                send_error(
+                    s,
+                    option,
+                    rep::ERR_UNSUP,
+                    "TLS is not configured on this server",
+                )
+                .await?;
+            } else if tls {
+                send_error(s, option, rep::ERR_INVALID, "TLS is already negotiated").await?;
+            } else if !data.is_empty() {
+                send_error(
+                    s,
+                    option,
+                    rep::ERR_INVALID,
+                    "NBD_OPT_STARTTLS takes no data",
+                )
+                .await?;
+            } else {
+                send_reply(s, option, rep::ACK, &[]).await?;
+                s.flush().await?;
+                return Ok(Outcome::StartTls(Resume {
+                    no_zeroes: st.no_zeroes,
+                    options: count,
+                }));
+            }
+            continue;
+        }
+        if tls_mode == TlsMode::Require && !tls && option != opt::ABORT {
+            if option == opt::EXPORT_NAME {
+                return Err(HandshakeError::TlsRequired);
+            }
+            send_error(
+                s,
+                option,
+                rep::ERR_TLS_REQD,
+                "this server requires TLS: send NBD_OPT_STARTTLS first (nbds:// URIs)",
+            )
+            .await?;
+            continue;
+        }
+
         match option {
             opt::ABORT => {
                 // The client may already have hung up; that is fine.
                 let _ = send_reply(s, option, rep::ACK, &[]).await;
                 let _ = s.flush().await;
-                return Ok(None);
+                return Ok(Outcome::Closed);
             }
-            opt::EXPORT_NAME => return export_name(s, shared, &st, &data).await.map(Some),
+            opt::EXPORT_NAME => {
+                return export_name(s, shared, &st, &data)
+                    .await
+                    .map(Outcome::Export)
+            }
             opt::LIST => {
                 if !data.is_empty() {
                     send_error(s, option, rep::ERR_INVALID, "NBD_OPT_LIST takes no data").await?;
@@ -350,7 +459,7 @@ where
             }
             opt::INFO | opt::GO => {
                 if let Some(n) = info_or_go(s, shared, &st, option, &data).await? {
-                    return Ok(Some(n));
+                    return Ok(Outcome::Export(n));
                 }
             }
             opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {

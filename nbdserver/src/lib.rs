@@ -8,6 +8,7 @@
 //!   any `AsyncRead + AsyncWrite` stream (see [`Server::serve_connection`]).
 //! * [`client`]: a concurrent client and NBD URI parsing.
 //! * [`proto`]: wire constants and headers.
+//! * [`tls`]: rustls configuration for `NBD_OPT_STARTTLS` (both sides).
 //! * [`testing`]: the harness behind the fuzz target (arbitrary client bytes).
 //!
 //! ```no_run
@@ -32,6 +33,7 @@ pub mod handshake;
 pub mod proto;
 pub mod server;
 pub mod testing;
+pub mod tls;
 pub mod transmission;
 
 pub use client::{Client, ClientError, ConnectOptions, NbdUri};

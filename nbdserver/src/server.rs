@@ -22,8 +22,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::export::BlockExport;
-use crate::handshake::{self, HandshakeError};
+use crate::handshake::{self, HandshakeError, Negotiated, Outcome};
 use crate::proto::MAX_STRING_LEN;
+use crate::tls::ServerTls;
 use crate::transmission::{self, TransmissionError};
 
 /// Tunables of a [`Server`].
@@ -52,6 +53,8 @@ pub struct ServerConfig {
     /// are run together, up to this many, on one blocking thread. 1 runs
     /// every request on its own thread.
     pub max_batch: usize,
+    /// TLS (`NBD_OPT_STARTTLS`): `None` answers it with `NBD_REP_ERR_UNSUP`.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -65,6 +68,7 @@ impl Default for ServerConfig {
             max_connections: 1024,
             max_options: 16 * 1024,
             max_batch: 8,
+            tls: None,
         }
     }
 }
@@ -101,6 +105,10 @@ pub enum ConnectionError {
     /// The handshake took longer than [`ServerConfig::handshake_timeout`].
     #[error("handshake timed out")]
     HandshakeTimeout,
+    /// The TLS handshake after STARTTLS failed (bad or missing client
+    /// certificate, a client that does not trust ours, garbage).
+    #[error("{0}")]
+    Tls(io::Error),
     /// The transmission phase failed.
     #[error("transmission: {0}")]
     Transmission(#[from] TransmissionError),
@@ -113,6 +121,8 @@ pub enum ConnectionError {
 /// A registered export plus the bookkeeping needed to drain it.
 pub(crate) struct ExportEntry {
     pub(crate) name: String,
+    /// Shown to `NBD_OPT_LIST`.
+    listed: bool,
     state: Mutex<EntryState>,
     drained: Notify,
 }
@@ -123,9 +133,10 @@ struct EntryState {
 }
 
 impl ExportEntry {
-    fn new(name: String, export: Arc<dyn BlockExport>) -> ExportEntry {
+    fn new(name: String, export: Arc<dyn BlockExport>, listed: bool) -> ExportEntry {
         ExportEntry {
             name,
+            listed,
             state: Mutex::new(EntryState {
                 export: Some(export),
                 inflight: 0,
@@ -238,6 +249,7 @@ impl Shared {
         let map = self.exports.read().unwrap_or_else(|p| p.into_inner());
         let mut v: Vec<(String, String)> = map
             .values()
+            .filter(|e| e.listed)
             .filter_map(|e| e.export().map(|x| (e.name.clone(), x.description())))
             .collect();
         v.sort();
@@ -257,11 +269,16 @@ pub enum ListenAddr {
 impl ListenAddr {
     /// The NBD URI of `export` on this listener (`nbd://…` or `nbd+unix://…`).
     pub fn uri(&self, export: &str) -> String {
+        self.nbd_uri(export, false).to_string()
+    }
+
+    /// The NBD URI of `export` on this listener, `nbds://…` when `tls`.
+    pub fn nbd_uri(&self, export: &str, tls: bool) -> crate::client::NbdUri {
         let uri = match self {
             ListenAddr::Tcp(a) => crate::client::NbdUri::tcp(a.ip().to_string(), a.port(), export),
             ListenAddr::Unix(p) => crate::client::NbdUri::unix(p.clone(), export),
         };
-        uri.to_string()
+        uri.with_tls(tls)
     }
 }
 
@@ -330,7 +347,26 @@ impl Server {
         name: impl Into<String>,
         export: Arc<dyn BlockExport>,
     ) -> Result<(), ServerError> {
-        let name = name.into();
+        self.register(name.into(), export, true)
+    }
+
+    /// Register `export` under `name` without showing it to `NBD_OPT_LIST`:
+    /// only a client that knows the name can select it (for exports whose
+    /// unguessable name is handed out to one client).
+    pub fn add_unlisted_export(
+        &self,
+        name: impl Into<String>,
+        export: Arc<dyn BlockExport>,
+    ) -> Result<(), ServerError> {
+        self.register(name.into(), export, false)
+    }
+
+    fn register(
+        &self,
+        name: String,
+        export: Arc<dyn BlockExport>,
+        listed: bool,
+    ) -> Result<(), ServerError> {
         if name.len() > MAX_STRING_LEN {
             return Err(ServerError::NameTooLong(name.len()));
         }
@@ -345,8 +381,11 @@ impl Server {
         if map.contains_key(&name) {
             return Err(ServerError::ExportExists(name));
         }
-        info!(export = %name, size = export.size(), read_only = export.read_only(), "export added");
-        map.insert(name.clone(), Arc::new(ExportEntry::new(name, export)));
+        info!(export = %name, size = export.size(), read_only = export.read_only(), listed, "export added");
+        map.insert(
+            name.clone(),
+            Arc::new(ExportEntry::new(name, export, listed)),
+        );
         Ok(())
     }
 
@@ -370,9 +409,20 @@ impl Server {
         export
     }
 
-    /// Names of the registered exports, sorted.
+    /// Names of the registered exports (listed or not), sorted.
     pub fn export_names(&self) -> Vec<String> {
-        self.shared.list().into_iter().map(|(n, _)| n).collect()
+        let map = self
+            .shared
+            .exports
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<String> = map
+            .values()
+            .filter(|e| e.export().is_some())
+            .map(|e| e.name.clone())
+            .collect();
+        v.sort();
+        v
     }
 
     /// The export registered under `name`.
@@ -512,36 +562,51 @@ impl Server {
                 return Ok(());
             }
             debug!("connected");
+            // One deadline for the whole handshake, TLS included.
+            let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
             let mut stream = Box::pin(stream);
-            let handshake = async {
-                tokio::select! {
-                    r = handshake::negotiate(&mut stream, shared) => r,
-                    _ = shared.stopping.cancelled() => Err(HandshakeError::Shutdown),
-                }
+            let outcome =
+                handshake_step(deadline, shared, handshake::negotiate(&mut stream, shared)).await?;
+            let resume = match outcome {
+                Outcome::Closed => return Ok(()),
+                Outcome::Export(n) => return transmit(stream, n, shared).await,
+                Outcome::StartTls(resume) => resume,
             };
-            let negotiated =
-                match tokio::time::timeout(shared.config.handshake_timeout, handshake).await {
-                    Err(_) => {
-                        warn!("handshake timed out");
-                        return Err(ConnectionError::HandshakeTimeout);
-                    }
-                    Ok(Err(e)) => {
-                        info!(error = %e, "handshake failed");
-                        return Err(e.into());
-                    }
-                    Ok(Ok(None)) => {
-                        debug!("client ended the handshake");
-                        return Ok(());
-                    }
-                    Ok(Ok(Some(n))) => n,
-                };
-            info!(export = %negotiated.entry.name, mode = ?negotiated.mode, "transmission started");
-            let r = transmission::run(stream, negotiated, shared).await;
-            match &r {
-                Ok(()) => info!("disconnected"),
-                Err(e) => info!(error = %e, "connection closed after an error"),
+            let Some(tls) = shared.config.tls.as_ref() else {
+                // negotiate() acknowledges STARTTLS only with TLS configured.
+                return Err(ConnectionError::Tls(io::Error::other(
+                    "STARTTLS without TLS configured",
+                )));
+            };
+            let accepted = tokio::select! {
+                r = tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)) => r,
+                _ = shared.stopping.cancelled() => return Err(HandshakeError::Shutdown.into()),
+            };
+            let mut stream = match accepted {
+                Err(_) => {
+                    warn!("handshake timed out in TLS");
+                    return Err(ConnectionError::HandshakeTimeout);
+                }
+                Ok(Err(e)) => {
+                    info!(error = %e, "TLS handshake failed");
+                    return Err(ConnectionError::Tls(crate::tls::handshake_error(e)));
+                }
+                Ok(Ok(s)) => s,
+            };
+            debug!(
+                client_certificate = stream.get_ref().1.peer_certificates().is_some(),
+                "TLS established"
+            );
+            let outcome = handshake_step(
+                deadline,
+                shared,
+                handshake::after_tls(&mut stream, shared, resume),
+            )
+            .await?;
+            match outcome {
+                Outcome::Closed | Outcome::StartTls(_) => Ok(()),
+                Outcome::Export(n) => transmit(stream, n, shared).await,
             }
-            r.map_err(ConnectionError::from)
         }
         .instrument(span)
         .await
@@ -608,6 +673,53 @@ impl Server {
         info!("server stopped");
         report
     }
+}
+
+/// Run one phase of the handshake under the deadline, ending it when the
+/// server stops.
+async fn handshake_step<F>(
+    deadline: tokio::time::Instant,
+    shared: &Shared,
+    phase: F,
+) -> Result<Outcome, ConnectionError>
+where
+    F: std::future::Future<Output = Result<Outcome, HandshakeError>>,
+{
+    let phase = async {
+        tokio::select! {
+            r = phase => r,
+            _ = shared.stopping.cancelled() => Err(HandshakeError::Shutdown),
+        }
+    };
+    match tokio::time::timeout_at(deadline, phase).await {
+        Err(_) => {
+            warn!("handshake timed out");
+            Err(ConnectionError::HandshakeTimeout)
+        }
+        Ok(Err(e)) => {
+            info!(error = %e, "handshake failed");
+            Err(e.into())
+        }
+        Ok(Ok(Outcome::Closed)) => {
+            debug!("client ended the handshake");
+            Ok(Outcome::Closed)
+        }
+        Ok(Ok(o)) => Ok(o),
+    }
+}
+
+/// The transmission phase of a negotiated connection.
+async fn transmit<S>(stream: S, n: Negotiated, shared: &Shared) -> Result<(), ConnectionError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    info!(export = %n.entry.name, mode = ?n.mode, "transmission started");
+    let r = transmission::run(stream, n, shared).await;
+    match &r {
+        Ok(()) => info!("disconnected"),
+        Err(e) => info!(error = %e, "connection closed after an error"),
+    }
+    r.map_err(ConnectionError::from)
 }
 
 struct ActiveGuard<'a>(&'a AtomicUsize);

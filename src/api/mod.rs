@@ -15,6 +15,7 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod handlers;
+pub mod https;
 pub mod lifecycle;
 pub mod openapi;
 pub mod tokens;

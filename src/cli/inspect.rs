@@ -233,7 +233,7 @@ impl HttpSource {
         HttpSource {
             base: server.trim_end_matches('/').to_string(),
             token: token.filter(|t| !t.is_empty()),
-            agent: ureq::AgentBuilder::new()
+            agent: crate::tls::http_agent()
                 .timeout_connect(Duration::from_secs(5))
                 // verify reads every image; give it time.
                 .timeout_read(Duration::from_secs(3600))
@@ -298,6 +298,15 @@ impl HttpSource {
                     );
                 }
                 bail!("{msg} (HTTP {code} from {})", self.base)
+            }
+            Err(ureq::Error::Transport(t))
+                if crate::tls::with_hint(t.to_string()) != t.to_string() =>
+            {
+                bail!(
+                    "cannot talk to the daemon at {}: {}",
+                    self.base,
+                    crate::tls::with_hint(t.to_string())
+                )
             }
             Err(ureq::Error::Transport(t)) => match t.kind() {
                 ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::Dns => bail!(

@@ -24,6 +24,8 @@ pub struct Cli {
     /// More log output (-v info, -vv debug). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
+    #[command(flatten)]
+    pub tls: crate::tls::TlsFiles,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -125,10 +127,13 @@ pub fn init_tracing(verbose: u8) {
 
 /// Run a parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    if !matches!(cli.command, Command::Serve(_)) {
+        crate::tls::configure_client(&cli.tls)?;
+    }
     match cli.command {
         Command::Image(cmd) => image::run(cmd),
         Command::Export(a) => export::run(a),
-        Command::Serve(a) => serve::run(a),
+        Command::Serve(a) => serve::run(a, &cli.tls),
         Command::Backups(c) => inspect::run_backups(c),
         Command::Chain(c) => inspect::run_chain(c),
         Command::Catalog(c) => inspect::run_catalog(c),

@@ -15,6 +15,8 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::engine::{Engine, EngineConfig};
+use crate::tls::TlsFiles;
+use chainvault_nbd::tls::TlsMode;
 
 /// How long in-flight HTTP requests may run after a shutdown signal before
 /// the engine is shut down regardless.
@@ -46,6 +48,11 @@ pub struct ServeArgs {
         default_value = "127.0.0.1:10809"
     )]
     pub nbd_listen: SocketAddr,
+    /// NBD over TLS (NBD_OPT_STARTTLS), with --tls-cert/--tls-key: `require`
+    /// (the default with a certificate) refuses plaintext clients, `on` lets
+    /// them choose, `off` serves NBD in plain text while the API uses HTTPS.
+    #[arg(long, value_name = "MODE", env = "CHAINVAULT_NBD_TLS", value_parser = parse_tls_mode)]
+    pub nbd_tls: Option<TlsMode>,
     /// Serve NBD on this unix socket instead of TCP.
     #[arg(long, value_name = "PATH", env = "CHAINVAULT_NBD_SOCKET")]
     pub nbd_socket: Option<PathBuf>,
@@ -101,6 +108,7 @@ impl ServeArgs {
             extended_l2,
             verify_every: self.verify_every,
             verify_rate_mib_s: self.verify_rate,
+            nbd: chainvault_nbd::ServerConfig::default(),
         })
     }
 
@@ -117,8 +125,8 @@ impl ServeArgs {
 /// The NBD URI base for the `ready` line: `nbd://HOST:PORT` or
 /// `nbd+unix:///?socket=PATH` (append an export name to the TCP form after a
 /// `/`; the unix form takes it before the `?`).
-pub fn nbd_uri_base(addr: &chainvault_nbd::ListenAddr) -> String {
-    let uri = addr.uri("");
+pub fn nbd_uri_base(addr: &chainvault_nbd::ListenAddr, tls: bool) -> String {
+    let uri = addr.nbd_uri("", tls).to_string();
     match addr {
         chainvault_nbd::ListenAddr::Tcp(_) => {
             uri.strip_suffix('/').map(str::to_string).unwrap_or(uri)
@@ -193,6 +201,10 @@ fn nonzero(d: Duration, s: &str) -> Result<Duration, String> {
     }
 }
 
+fn parse_tls_mode(s: &str) -> Result<TlsMode, String> {
+    s.parse()
+}
+
 /// Parse a cluster size: a power of two from 512 bytes to 2 MiB.
 fn parse_cluster_size(s: &str) -> Result<u64, String> {
     let n = crate::units::parse_size(s)?;
@@ -205,20 +217,26 @@ fn parse_cluster_size(s: &str) -> Result<u64, String> {
 }
 
 /// Run the daemon until SIGINT or SIGTERM.
-pub fn run(a: ServeArgs) -> anyhow::Result<u8> {
+pub fn run(a: ServeArgs, tls: &TlsFiles) -> anyhow::Result<u8> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("chainvault")
         .build()
         .context("cannot start the async runtime")?;
-    let result = rt.block_on(serve(a));
+    let result = rt.block_on(serve(a, tls));
     // Do not wait forever for a blocking task that is stuck.
     rt.shutdown_timeout(Duration::from_secs(10));
     result
 }
 
-async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
-    let cfg = a.engine_config()?;
+async fn serve(a: ServeArgs, tls_files: &TlsFiles) -> anyhow::Result<u8> {
+    let mut cfg = a.engine_config()?;
+    let tls = crate::tls::server_side(tls_files, a.nbd_tls)?;
+    if let Some(t) = &tls {
+        if a.nbd_tls != Some(TlsMode::Off) {
+            cfg.nbd.tls = Some(t.nbd.clone());
+        }
+    }
 
     // Bind HTTP first: a port in use is reported before any recovery work
     // starts, and nothing listens on NBD for a daemon that cannot serve HTTP.
@@ -238,6 +256,7 @@ async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
         .await
         .with_context(|| format!("cannot open the repository in {}", a.data.display()))?;
     let token = a.token.clone().filter(|t| !t.is_empty());
+    warn_about_exposure(&a, http_addr, tls.is_some(), engine.nbd_tls());
     if token.is_none() && !engine.has_tokens().unwrap_or(false) {
         if !http_addr.ip().is_loopback() {
             tracing::warn!(
@@ -267,16 +286,18 @@ async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
             .nbd_address()
             .cloned()
             .unwrap_or_else(|| a.nbd_address()),
+        engine.nbd_tls(),
     );
     // The signal handlers are in place before anyone can know the daemon is
     // up (the ready line, an answered request): a SIGINT right after the
     // first /healthz must shut down cleanly, not kill the process.
     let signals = Signals::install()?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     {
         let mut out = std::io::stdout().lock();
         writeln!(
             out,
-            "ready api=http://{} nbd={nbd}",
+            "ready api={scheme}://{} nbd={nbd}",
             http_authority(http_addr)
         )
         .and_then(|_| out.flush())
@@ -285,13 +306,25 @@ async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
     tracing::info!(api = %http_addr, %nbd, "chainvault is ready");
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
+    let stopped = async move {
+        let _ = stop_rx.await;
+    };
+    let server = match &tls {
+        Some(t) => {
+            let listener = crate::api::https::TlsListener::new(listener, t.http.clone())
+                .context("cannot start the HTTPS listener")?;
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
             })
-            .await
-    });
+        }
+        None => tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await
+        }),
+    };
     let signal = signals.wait().await;
     tracing::info!(
         signal,
@@ -310,6 +343,28 @@ async fn serve(a: ServeArgs) -> anyhow::Result<u8> {
     engine.shutdown().await;
     tracing::info!("stopped");
     Ok(0)
+}
+
+/// Warn when something listens beyond this machine without encryption.
+fn warn_about_exposure(a: &ServeArgs, http_addr: SocketAddr, https: bool, nbd_tls: bool) {
+    let mut said = Vec::new();
+    if !https && !http_addr.ip().is_loopback() {
+        said.push(format!(
+            "the HTTP API on {http_addr} is plain HTTP: tokens and data cross the network unencrypted (give --tls-cert and --tls-key)"
+        ));
+    }
+    if !nbd_tls && a.nbd_socket.is_none() && !a.nbd_listen.ip().is_loopback() {
+        said.push(format!(
+            "NBD on {} is plain text: disk contents cross the network unencrypted (give --tls-cert and --tls-key, and leave --nbd-tls at require)",
+            a.nbd_listen
+        ));
+    }
+    for s in said {
+        tracing::warn!("{s}");
+        if !tracing::enabled!(tracing::Level::WARN) {
+            eprintln!("chainvault serve: WARNING: {s}");
+        }
+    }
 }
 
 /// `HOST:PORT` for a URL (IPv6 in brackets). A wildcard address (0.0.0.0,
@@ -407,15 +462,18 @@ mod tests {
     #[test]
     fn nbd_uri_bases() {
         assert_eq!(
-            nbd_uri_base(&args(&[]).nbd_address()),
+            nbd_uri_base(&args(&[]).nbd_address(), false),
             "nbd://127.0.0.1:10809"
         );
         assert_eq!(
-            nbd_uri_base(&args(&["--nbd-listen", "[::1]:1234"]).nbd_address()),
-            "nbd://[::1]:1234"
+            nbd_uri_base(&args(&["--nbd-listen", "[::1]:1234"]).nbd_address(), true),
+            "nbds://[::1]:1234"
         );
         assert_eq!(
-            nbd_uri_base(&args(&["--nbd-socket", "/run/cv/nbd.sock"]).nbd_address()),
+            nbd_uri_base(
+                &args(&["--nbd-socket", "/run/cv/nbd.sock"]).nbd_address(),
+                false
+            ),
             "nbd+unix:///?socket=/run/cv/nbd.sock"
         );
     }

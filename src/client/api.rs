@@ -102,7 +102,7 @@ impl Api {
             ));
         }
         // Completion flushes, fsyncs and checks the image: give it time.
-        let agent = ureq::AgentBuilder::new()
+        let agent = crate::tls::http_agent()
             .timeout_connect(Duration::from_secs(10))
             .timeout_read(Duration::from_secs(30 * 60))
             .timeout_write(Duration::from_secs(60))
@@ -189,7 +189,7 @@ impl Api {
             }
             Err(e) => Err(ApiError::Unreachable {
                 url: self.base.clone(),
-                cause: e.to_string(),
+                cause: crate::tls::with_hint(e.to_string()),
             }),
         }
     }

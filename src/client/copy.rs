@@ -182,10 +182,10 @@ pub(super) async fn copy_planned(
         .map_err(|e| plain(format!("the daemon gave an unusable NBD URI: {e}")))?;
     let mut targets = Vec::new();
     for _ in 0..ctx.opts.connections {
-        let opts = ConnectOptions {
+        let opts = crate::tls::nbd_options(ConnectOptions {
             meta_contexts: Vec::new(),
             ..ConnectOptions::default()
-        };
+        });
         let c = Client::connect_uri(&uri, opts)
             .await
             .map_err(|e| DiskFailure {

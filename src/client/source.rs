@@ -260,11 +260,11 @@ impl Source {
         let parsed: NbdUri = uri.parse().map_err(|e| format!("{e}"))?;
         let mut contexts = vec![CONTEXT_BASE_ALLOCATION.to_string()];
         contexts.extend(bitmaps.iter().map(|b| dirty_bitmap_context(b)));
-        let opts = ConnectOptions {
+        let opts = crate::tls::nbd_options(ConnectOptions {
             meta_contexts: contexts,
             list_meta_contexts: vec![DIRTY_BITMAP_PREFIX.to_string()],
             ..ConnectOptions::default()
-        };
+        });
         // Our own qemu-nbd binds its socket a moment before it listens.
         let retry_until =
             Instant::now() + Duration::from_secs(if server.is_some() { 10 } else { 0 });

@@ -329,13 +329,9 @@ impl Engine {
         .compare_with_backing(compare)
         .with_activity(activity.clone());
         server
-            .add_export(name.clone(), Arc::new(export))
+            .add_unlisted_export(name.clone(), Arc::new(export))
             .map_err(|e| EngineError::Internal(e.to_string()))?;
-        let uri = self
-            .nbd_addr
-            .as_ref()
-            .map(|a| a.uri(&name))
-            .unwrap_or_default();
+        let uri = self.export_uri(&name);
         lock(&self.running).insert(
             (rec.backup_id.clone(), rec.disk_id),
             RunningDisk {

@@ -144,7 +144,7 @@ impl Engine {
             ),
         );
         server
-            .add_export(rec.export_name.clone(), Arc::new(export))
+            .add_unlisted_export(rec.export_name.clone(), Arc::new(export))
             .map_err(|e| EngineError::Internal(e.to_string()))?;
         let view = RestoreView {
             restore_id: rec.restore_id.clone(),
@@ -152,11 +152,7 @@ impl Engine {
             vm_name: rec.vm_name.clone(),
             disk_id: rec.disk_id,
             export_name: rec.export_name.clone(),
-            nbd_uri: self
-                .nbd_addr
-                .as_ref()
-                .map(|a| a.uri(&rec.export_name))
-                .unwrap_or_default(),
+            nbd_uri: self.export_uri(&rec.export_name),
             size: rec.size,
             created_at: rec.created_at.clone(),
             writable: true,

@@ -87,6 +87,9 @@ pub struct EngineConfig {
     pub verify_every: Option<Duration>,
     /// The scheduled deep verify reads at most this many MiB per second.
     pub verify_rate_mib_s: u64,
+    /// The NBD server's limits and TLS (`nbd.tls`); exports' URIs say
+    /// `nbds://` when TLS is on or required.
+    pub nbd: ServerConfig,
 }
 
 impl Default for EngineConfig {
@@ -100,6 +103,7 @@ impl Default for EngineConfig {
             extended_l2: true,
             verify_every: None,
             verify_rate_mib_s: 64,
+            nbd: ServerConfig::default(),
         }
     }
 }
@@ -207,7 +211,7 @@ impl Engine {
             EngineError::Internal(format!("data directory {}: {e}", cfg.data_dir.display()))
         })?;
         let catalog = Engine::open_catalog(&data)?;
-        let server = Server::new(ServerConfig::default());
+        let server = Server::new(cfg.nbd.clone());
         let nbd_addr = match (&cfg.nbd_socket, cfg.nbd_listen) {
             (Some(p), _) => server.listen_unix(p).await,
             (None, Some(a)) => server.listen_tcp(a).await,
@@ -337,6 +341,23 @@ impl Engine {
     /// The NBD listener's address, for building URIs.
     pub fn nbd_address(&self) -> Option<&ListenAddr> {
         self.nbd_addr.as_ref()
+    }
+
+    /// Whether clients reach the NBD exports over TLS (`nbds://`).
+    pub fn nbd_tls(&self) -> bool {
+        self.cfg
+            .nbd
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.mode != chainvault_nbd::tls::TlsMode::Off)
+    }
+
+    /// The NBD URI of export `name` (empty when the repository is offline).
+    pub(crate) fn export_uri(&self, name: &str) -> String {
+        self.nbd_addr
+            .as_ref()
+            .map(|a| a.nbd_uri(name, self.nbd_tls()).to_string())
+            .unwrap_or_default()
     }
 
     fn server(&self) -> EngineResult<&Server> {

@@ -200,7 +200,7 @@ impl Engine {
         )
         .with_dirty_bitmaps(dirty);
         self.server()?
-            .add_export(name.clone(), Arc::new(export))
+            .add_unlisted_export(name.clone(), Arc::new(export))
             .map_err(|e| EngineError::Internal(e.to_string()))?;
         let view = RestoreView {
             restore_id: restore_id.clone(),
@@ -208,11 +208,7 @@ impl Engine {
             vm_name: d.vm_name.clone(),
             disk_id: req.disk_id,
             export_name: name.clone(),
-            nbd_uri: self
-                .nbd_addr
-                .as_ref()
-                .map(|a| a.uri(&name))
-                .unwrap_or_default(),
+            nbd_uri: self.export_uri(&name),
             size,
             created_at: now(),
             writable: false,

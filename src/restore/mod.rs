@@ -101,9 +101,12 @@ impl Reader {
             if let (0, Some(x)) = (i, extra) {
                 ctx.push(x.to_string());
             }
-            let c = Client::connect_uri(&parsed, ConnectOptions::with_contexts(ctx))
-                .await
-                .map_err(|e| format!("connecting to the restore export {uri}: {e}"))?;
+            let c = Client::connect_uri(
+                &parsed,
+                crate::tls::nbd_options(ConnectOptions::with_contexts(ctx)),
+            )
+            .await
+            .map_err(|e| format!("connecting to the restore export {uri}: {e}"))?;
             v.push(Arc::new(c));
         }
         Ok(Reader::Nbd(v))

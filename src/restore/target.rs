@@ -82,7 +82,7 @@ impl Target {
             let connect = || async {
                 tokio::time::timeout(
                 std::time::Duration::from_secs(30),
-                Client::connect_uri(&uri, ConnectOptions::default()),
+                Client::connect_uri(&uri, crate::tls::nbd_options(ConnectOptions::default())),
             )
                 .await
                 .map_err(|_| bad(format!("NBD target {spec}: no answer within 30 s")))?

@@ -135,6 +135,10 @@ pub struct Daemon {
     /// The NBD URI of the ready line (no export name).
     pub nbd: String,
     pub log: PathBuf,
+    /// With `--tls-cert DIR/server-cert.pem`: DIR, a make-test-certs.sh
+    /// directory (its CA is trusted, and with `--tls-ca` its client
+    /// certificate presented, by this harness's HTTP agent).
+    pub tls_dir: Option<PathBuf>,
     child: Option<Child>,
     agent: ureq::Agent,
 }
@@ -151,7 +155,8 @@ impl Daemon {
 
     /// The same with extra arguments (`--disk-timeout 2s`) and environment
     /// (`CHAINVAULT_CRASH_AT`). Restarting is calling this again on the same
-    /// data directory.
+    /// data directory. With `--nbd-listen` among them, NBD is on TCP instead
+    /// of the unix socket.
     pub fn start_with(data: &Path, extra: &[&str], env: &[(&str, &str)]) -> Daemon {
         std::fs::create_dir_all(data).unwrap();
         let sock = data.join("nbd.sock");
@@ -165,10 +170,11 @@ impl Daemon {
         c.arg("serve")
             .arg("--data")
             .arg(data)
-            .args(["--listen", "127.0.0.1:0"])
-            .arg("--nbd-socket")
-            .arg(&sock)
-            .args(extra)
+            .args(["--listen", "127.0.0.1:0"]);
+        if !extra.contains(&"--nbd-listen") {
+            c.arg("--nbd-socket").arg(&sock);
+        }
+        c.args(extra)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .env_remove("CHAINVAULT_CRASH_AT")
@@ -204,17 +210,33 @@ impl Daemon {
                 );
             }
         };
-        let agent = ureq::AgentBuilder::new()
-            .timeout(Duration::from_secs(120))
-            .build();
+        let arg_after = |flag: &str| {
+            extra
+                .iter()
+                .position(|a| *a == flag)
+                .and_then(|i| extra.get(i + 1))
+                .map(PathBuf::from)
+        };
+        let tls_dir = arg_after("--tls-cert").and_then(|c| c.parent().map(Path::to_path_buf));
+        let mut agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(120));
+        if let Some(dir) = &tls_dir {
+            let client_cert = (dir.join("client-cert.pem"), dir.join("client-key.pem"));
+            let identity =
+                arg_after("--tls-ca").map(|_| (client_cert.0.as_path(), client_cert.1.as_path()));
+            let config =
+                chainvault_nbd::tls::client_config(Some(&dir.join("ca-cert.pem")), identity)
+                    .unwrap_or_else(|e| panic!("test TLS client config: {e}"));
+            agent = agent.tls_config(config);
+        }
         Daemon {
             data: data.to_path_buf(),
             sock,
             api,
             nbd,
             log,
+            tls_dir,
             child: Some(child),
-            agent,
+            agent: agent.build(),
         }
     }
 

@@ -81,6 +81,11 @@ pub enum ClientError {
     /// The connection is gone.
     #[error("disconnected: {0}")]
     Disconnected(String),
+    /// TLS could not be set up: the server refused STARTTLS, or the TLS
+    /// handshake failed (an untrusted certificate, a name mismatch, a
+    /// client certificate the server does not accept).
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl ClientError {
@@ -125,6 +130,9 @@ pub struct ConnectOptions {
     /// matters for servers such as `qemu-nbd` without `-t`, which exit after
     /// their first client.
     pub list_meta_contexts: Vec<String>,
+    /// Trust and identity for `nbds://` URIs. `None` with an `nbds://` URI
+    /// trusts the system's CA bundle and presents no client certificate.
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl Default for ConnectOptions {
@@ -134,6 +142,7 @@ impl Default for ConnectOptions {
             structured_replies: true,
             meta_contexts: vec![proto::CONTEXT_BASE_ALLOCATION.to_string()],
             list_meta_contexts: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -374,10 +383,14 @@ impl Client {
         Client::connect_uri(&uri, ConnectOptions::default()).await
     }
 
-    /// Connect to a parsed URI.
+    /// Connect to a parsed URI (`nbds://` upgrades with STARTTLS first).
     pub async fn connect_uri(uri: &NbdUri, opts: ConnectOptions) -> Result<Client, ClientError> {
+        if uri.tls {
+            let (r, w) = connect_tls(uri, &opts).await?;
+            return Client::handshake(r, w, &uri.export, opts, true).await;
+        }
         let (r, w) = connect_stream_box(&uri.transport).await?;
-        Client::handshake(r, w, &uri.export, opts).await
+        Client::handshake(r, w, &uri.export, opts, false).await
     }
 
     /// Connect over TCP.
@@ -409,7 +422,7 @@ impl Client {
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (r, w) = tokio::io::split(stream);
-        Client::handshake(Box::pin(r), Box::pin(w), export, opts).await
+        Client::handshake(Box::pin(r), Box::pin(w), export, opts, false).await
     }
 
     /// What the handshake established.

@@ -150,6 +150,66 @@ pub(super) async fn connect_stream_box(
     })
 }
 
+/// Connect, greet, upgrade with `NBD_OPT_STARTTLS` and run the TLS
+/// handshake; the option haggling then goes on over the returned halves.
+pub(super) async fn connect_tls(
+    uri: &NbdUri,
+    opts: &ConnectOptions,
+) -> Result<(BoxRead, BoxWrite), ClientError> {
+    let tls = match &opts.tls {
+        Some(t) => t.clone(),
+        None => crate::tls::ClientTls::from_files(None, None)
+            .map_err(|e| ClientError::Tls(e.to_string()))?,
+    };
+    let name = match (&tls.server_name, &uri.transport) {
+        (Some(n), _) => n.clone(),
+        (None, Transport::Tcp { host, .. }) => host.clone(),
+        (None, Transport::Unix(_)) => "localhost".to_string(),
+    };
+    let server_name = crate::tls::rustls::pki_types::ServerName::try_from(name.clone())
+        .map_err(|e| ClientError::Tls(format!("{name:?} is not a valid server name: {e}")))?;
+    let connector = crate::tls::TlsConnector::from(tls.config);
+    match &uri.transport {
+        Transport::Tcp { host, port } => {
+            let mut s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            let _ = s.set_nodelay(true);
+            starttls(&mut s).await?;
+            let t = connector
+                .connect(server_name, s)
+                .await
+                .map_err(|e| ClientError::Tls(format!("handshake with {name}: {e}")))?;
+            let (r, w) = tokio::io::split(t);
+            Ok((Box::pin(r), Box::pin(w)))
+        }
+        Transport::Unix(p) => {
+            let mut s = tokio::net::UnixStream::connect(p).await?;
+            starttls(&mut s).await?;
+            let t = connector
+                .connect(server_name, s)
+                .await
+                .map_err(|e| ClientError::Tls(format!("handshake with {name}: {e}")))?;
+            let (r, w) = tokio::io::split(t);
+            Ok((Box::pin(r), Box::pin(w)))
+        }
+    }
+}
+
+async fn starttls<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<(), ClientError> {
+    greet(s).await?;
+    send_option(s, opt::STARTTLS, &[]).await?;
+    let (rtype, data) = read_option_reply(s, opt::STARTTLS).await?;
+    if rtype != rep::ACK {
+        let why = if rtype == rep::ERR_UNSUP {
+            "the server does not offer TLS (use an nbd:// URI, or turn TLS on at the server)"
+                .to_string()
+        } else {
+            refused(opt::STARTTLS, rtype, &data).to_string()
+        };
+        return Err(ClientError::Tls(why));
+    }
+    Ok(())
+}
+
 /// A read half and write half glued together for the handshake.
 pub(super) struct Joined<'a> {
     r: &'a mut BoxRead,
@@ -236,6 +296,7 @@ impl Client {
         mut w: BoxWrite,
         export: &str,
         opts: ConnectOptions,
+        greeted: bool,
     ) -> Result<Client, ClientError> {
         if export.len() > MAX_STRING_LEN {
             return Err(ClientError::Protocol(
@@ -246,7 +307,9 @@ impl Client {
             r: &mut r,
             w: &mut w,
         };
-        greet(&mut s).await?;
+        if !greeted {
+            greet(&mut s).await?;
+        }
         let mut mode = HeaderMode::Simple;
         if opts.extended_headers {
             send_option(&mut s, opt::EXTENDED_HEADERS, &[]).await?;

@@ -19,6 +19,9 @@ pub enum Transport {
 /// A parsed NBD URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUri {
+    /// `nbds://` / `nbds+unix://`: upgrade with `NBD_OPT_STARTTLS` before
+    /// anything else, and fail if the server cannot.
+    pub tls: bool,
     /// Where the server is.
     pub transport: Transport,
     /// Export name.
@@ -29,6 +32,7 @@ impl NbdUri {
     /// `nbd://host:port/export`.
     pub fn tcp(host: impl Into<String>, port: u16, export: impl Into<String>) -> NbdUri {
         NbdUri {
+            tls: false,
             transport: Transport::Tcp {
                 host: host.into(),
                 port,
@@ -40,9 +44,16 @@ impl NbdUri {
     /// `nbd+unix:///export?socket=path`.
     pub fn unix(path: impl Into<PathBuf>, export: impl Into<String>) -> NbdUri {
         NbdUri {
+            tls: false,
             transport: Transport::Unix(path.into()),
             export: export.into(),
         }
+    }
+
+    /// The same URI with TLS on or off (`nbds://` or `nbd://`).
+    pub fn with_tls(mut self, tls: bool) -> NbdUri {
+        self.tls = tls;
+        self
     }
 }
 
@@ -118,7 +129,12 @@ impl FromStr for NbdUri {
                 ))
             })
             .collect::<Result<_, ClientError>>()?;
-        match scheme {
+        let (scheme, tls) = match scheme {
+            "nbds" => ("nbd", true),
+            "nbds+unix" => ("nbd+unix", true),
+            other => (other, false),
+        };
+        let parsed = match scheme {
             "nbd" => {
                 if authority.is_empty() {
                     return Err(uri_err(uri, "missing host"));
@@ -164,26 +180,27 @@ impl FromStr for NbdUri {
                 }
                 Ok(NbdUri::unix(socket, export))
             }
-            "nbds" | "nbds+unix" => Err(uri_err(uri, "TLS is not supported")),
             other => Err(uri_err(uri, format!("unsupported scheme {other:?}"))),
-        }
+        };
+        parsed.map(|u| u.with_tls(tls))
     }
 }
 
 impl fmt::Display for NbdUri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let export = percent_encode(&self.export, true);
+        let s = if self.tls { "s" } else { "" };
         match &self.transport {
             Transport::Tcp { host, port } => {
                 if host.contains(':') {
-                    write!(f, "nbd://[{host}]:{port}/{export}")
+                    write!(f, "nbd{s}://[{host}]:{port}/{export}")
                 } else {
-                    write!(f, "nbd://{host}:{port}/{export}")
+                    write!(f, "nbd{s}://{host}:{port}/{export}")
                 }
             }
             Transport::Unix(p) => {
                 let path = percent_encode(&p.to_string_lossy(), true);
-                write!(f, "nbd+unix:///{export}?socket={path}")
+                write!(f, "nbd{s}+unix:///{export}?socket={path}")
             }
         }
     }
@@ -206,7 +223,10 @@ mod tests {
         let u: NbdUri = "nbd+unix:///?socket=/tmp/x.sock".parse().unwrap();
         assert_eq!(u.export, "");
         assert!("nbd+unix:///exp".parse::<NbdUri>().is_err());
-        assert!("nbds://h/e".parse::<NbdUri>().is_err());
+        let u: NbdUri = "nbds://h:7/e".parse().unwrap();
+        assert_eq!(u, NbdUri::tcp("h", 7, "e").with_tls(true));
+        let u: NbdUri = "nbds+unix:///e?socket=/s".parse().unwrap();
+        assert_eq!(u, NbdUri::unix("/s", "e").with_tls(true));
         assert!("http://h/e".parse::<NbdUri>().is_err());
         assert!("nbd://h:notaport/e".parse::<NbdUri>().is_err());
         assert!("nbd://h/%zz".parse::<NbdUri>().is_err());
@@ -218,6 +238,8 @@ mod tests {
             NbdUri::tcp("127.0.0.1", 10809, "vm1/disk 0"),
             NbdUri::tcp("::1", 1, ""),
             NbdUri::unix("/run/chain vault/nbd.sock", "backup-1-disk-0"),
+            NbdUri::tcp("127.0.0.1", 10809, "x").with_tls(true),
+            NbdUri::unix("/run/nbd.sock", "x").with_tls(true),
         ] {
             let s = u.to_string();
             assert_eq!(s.parse::<NbdUri>().unwrap(), u, "{s}");

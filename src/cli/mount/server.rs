@@ -63,8 +63,9 @@ impl Http {
                 ))
             }
             Err(ureq::Error::Transport(t)) => Err(format!(
-                "{what}: cannot reach the daemon at {}: {t}",
-                self.base
+                "{what}: cannot reach the daemon at {}: {}",
+                self.base,
+                crate::tls::with_hint(t.to_string())
             )),
         }
     }
@@ -95,7 +96,7 @@ impl ServerSource {
             http: Http {
                 base: url.trim_end_matches('/').to_string(),
                 token: token.filter(|t| !t.is_empty()),
-                agent: ureq::AgentBuilder::new()
+                agent: crate::tls::http_agent()
                     .timeout_connect(Duration::from_secs(5))
                     .timeout(Duration::from_secs(60))
                     .build(),
@@ -148,7 +149,7 @@ impl Source for ServerSource {
         };
         let client = self
             .rt
-            .block_on(Client::connect(&view.nbd_uri))
+            .block_on(connect_restore(&view.nbd_uri))
             .map_err(|e| io::Error::other(format!("connecting to {}: {e}", view.nbd_uri)))?;
         tracing::info!(restore = %view.restore_id, uri = %view.nbd_uri, "opened a restore export");
         Ok(Arc::new(NbdDisk {
@@ -233,4 +234,15 @@ impl Drop for NbdDisk {
             });
         }
     }
+}
+
+/// Connect to a restore export the daemon opened (`nbds://` with the
+/// process's TLS settings).
+async fn connect_restore(uri: &str) -> Result<Client, chainvault_nbd::ClientError> {
+    let parsed: chainvault_nbd::NbdUri = uri.parse()?;
+    Client::connect_uri(
+        &parsed,
+        crate::tls::nbd_options(chainvault_nbd::ConnectOptions::default()),
+    )
+    .await
 }
