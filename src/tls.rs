@@ -79,8 +79,6 @@ pub struct ServerSide {
     pub http: Arc<tls::rustls::ServerConfig>,
     /// For NBD's STARTTLS.
     pub nbd: ServerTls,
-    /// Whether clients must present certificates.
-    pub client_certs: bool,
 }
 
 /// The daemon's TLS from its flags: `None` without a certificate (then
@@ -103,11 +101,7 @@ pub fn server_side(
         .context("cannot set up HTTPS (--tls-cert, --tls-key, --tls-ca)")?;
     let nbd = ServerTls::from_files(cert, key, ca, nbd_mode.unwrap_or(TlsMode::Require))
         .context("cannot set up NBD TLS (--tls-cert, --tls-key, --tls-ca)")?;
-    Ok(Some(ServerSide {
-        http,
-        nbd,
-        client_certs: ca.is_some(),
-    }))
+    Ok(Some(ServerSide { http, nbd }))
 }
 
 struct ClientSide {

@@ -61,6 +61,10 @@ pub enum HandshakeError {
     /// without it (that option has no error reply: the server hangs up).
     #[error("client chose an export with NBD_OPT_EXPORT_NAME before STARTTLS; TLS is required")]
     TlsRequired,
+    /// The TLS handshake after STARTTLS failed (bad or missing client
+    /// certificate, a client that does not trust ours, garbage).
+    #[error("TLS handshake: {0}")]
+    Tls(io::Error),
 }
 
 /// How a handshake phase ended.

@@ -105,10 +105,6 @@ pub enum ConnectionError {
     /// The handshake took longer than [`ServerConfig::handshake_timeout`].
     #[error("handshake timed out")]
     HandshakeTimeout,
-    /// The TLS handshake after STARTTLS failed (bad or missing client
-    /// certificate, a client that does not trust ours, garbage).
-    #[error("{0}")]
-    Tls(io::Error),
     /// The transmission phase failed.
     #[error("transmission: {0}")]
     Transmission(#[from] TransmissionError),
@@ -566,45 +562,39 @@ impl Server {
             let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
             let mut stream = Box::pin(stream);
             let outcome =
-                handshake_step(deadline, shared, handshake::negotiate(&mut stream, shared)).await?;
+                within_handshake(deadline, shared, handshake::negotiate(&mut stream, shared))
+                    .await?;
             let resume = match outcome {
-                Outcome::Closed => return Ok(()),
+                Outcome::Closed => return ended_handshake(),
                 Outcome::Export(n) => return transmit(stream, n, shared).await,
                 Outcome::StartTls(resume) => resume,
             };
             let Some(tls) = shared.config.tls.as_ref() else {
                 // negotiate() acknowledges STARTTLS only with TLS configured.
-                return Err(ConnectionError::Tls(io::Error::other(
+                return Err(HandshakeError::Tls(io::Error::other(
                     "STARTTLS without TLS configured",
-                )));
+                ))
+                .into());
             };
-            let accepted = tokio::select! {
-                r = tokio::time::timeout_at(deadline, tls.acceptor.accept(stream)) => r,
-                _ = shared.stopping.cancelled() => return Err(HandshakeError::Shutdown.into()),
+            let accept = async {
+                tls.acceptor
+                    .accept(stream)
+                    .await
+                    .map_err(HandshakeError::Tls)
             };
-            let mut stream = match accepted {
-                Err(_) => {
-                    warn!("handshake timed out in TLS");
-                    return Err(ConnectionError::HandshakeTimeout);
-                }
-                Ok(Err(e)) => {
-                    info!(error = %e, "TLS handshake failed");
-                    return Err(ConnectionError::Tls(crate::tls::handshake_error(e)));
-                }
-                Ok(Ok(s)) => s,
-            };
+            let mut stream = within_handshake(deadline, shared, accept).await?;
             debug!(
                 client_certificate = stream.get_ref().1.peer_certificates().is_some(),
                 "TLS established"
             );
-            let outcome = handshake_step(
+            let outcome = within_handshake(
                 deadline,
                 shared,
                 handshake::after_tls(&mut stream, shared, resume),
             )
             .await?;
             match outcome {
-                Outcome::Closed | Outcome::StartTls(_) => Ok(()),
+                Outcome::Closed | Outcome::StartTls(_) => ended_handshake(),
                 Outcome::Export(n) => transmit(stream, n, shared).await,
             }
         }
@@ -675,23 +665,24 @@ impl Server {
     }
 }
 
-/// Run one phase of the handshake under the deadline, ending it when the
-/// server stops.
-async fn handshake_step<F>(
+/// Run one step of the handshake (option haggling, the TLS handshake)
+/// under the connection's handshake deadline, ending it when the server
+/// stops.
+async fn within_handshake<T, F>(
     deadline: tokio::time::Instant,
     shared: &Shared,
-    phase: F,
-) -> Result<Outcome, ConnectionError>
+    step: F,
+) -> Result<T, ConnectionError>
 where
-    F: std::future::Future<Output = Result<Outcome, HandshakeError>>,
+    F: std::future::Future<Output = Result<T, HandshakeError>>,
 {
-    let phase = async {
+    let step = async {
         tokio::select! {
-            r = phase => r,
+            r = step => r,
             _ = shared.stopping.cancelled() => Err(HandshakeError::Shutdown),
         }
     };
-    match tokio::time::timeout_at(deadline, phase).await {
+    match tokio::time::timeout_at(deadline, step).await {
         Err(_) => {
             warn!("handshake timed out");
             Err(ConnectionError::HandshakeTimeout)
@@ -700,12 +691,13 @@ where
             info!(error = %e, "handshake failed");
             Err(e.into())
         }
-        Ok(Ok(Outcome::Closed)) => {
-            debug!("client ended the handshake");
-            Ok(Outcome::Closed)
-        }
-        Ok(Ok(o)) => Ok(o),
+        Ok(Ok(v)) => Ok(v),
     }
+}
+
+fn ended_handshake() -> Result<(), ConnectionError> {
+    debug!("client ended the handshake");
+    Ok(())
 }
 
 /// The transmission phase of a negotiated connection.

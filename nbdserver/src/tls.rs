@@ -13,7 +13,6 @@
 //! offers it to qemu-nbd and libnbd); its PSK support is session resumption.
 
 use std::fmt;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -94,13 +93,18 @@ fn file_err(what: &'static str, path: &Path, reason: impl fmt::Display) -> TlsEr
 
 /// Every certificate in a PEM file (a chain: leaf first).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let iter = CertificateDer::pem_file_iter(path).map_err(|e| file_err("certificate", path, e))?;
+    read_certs("certificate", path)
+}
+
+/// The certificates of a PEM file; errors name it as `what`.
+fn read_certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let iter = CertificateDer::pem_file_iter(path).map_err(|e| file_err(what, path, e))?;
     let certs: Vec<_> = iter
         .collect::<Result<_, _>>()
-        .map_err(|e| file_err("certificate", path, e))?;
+        .map_err(|e| file_err(what, path, e))?;
     if certs.is_empty() {
         return Err(file_err(
-            "certificate",
+            what,
             path,
             "no \"BEGIN CERTIFICATE\" block in the file",
         ));
@@ -122,14 +126,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// A store holding every certificate of a PEM file as a trust anchor.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
-    for cert in load_certs(path).map_err(|e| match e {
-        TlsError::File { path, reason, .. } => TlsError::File {
-            what: "CA",
-            path,
-            reason,
-        },
-        other => other,
-    })? {
+    for cert in read_certs("CA", path)? {
         roots
             .add(cert)
             .map_err(|e| file_err("CA", path, format!("not a usable CA certificate: {e}")))?;
@@ -283,9 +280,4 @@ impl fmt::Debug for ClientTls {
             .field("server_name", &self.server_name)
             .finish()
     }
-}
-
-/// An I/O error for a TLS handshake failure, with the peer-facing cause.
-pub(crate) fn handshake_error(e: io::Error) -> io::Error {
-    io::Error::new(e.kind(), format!("TLS handshake: {e}"))
 }

@@ -169,29 +169,23 @@ pub(super) async fn connect_tls(
     let server_name = crate::tls::rustls::pki_types::ServerName::try_from(name.clone())
         .map_err(|e| ClientError::Tls(format!("{name:?} is not a valid server name: {e}")))?;
     let connector = crate::tls::TlsConnector::from(tls.config);
-    match &uri.transport {
+    let fail = |e: io::Error| ClientError::Tls(format!("handshake with {name}: {e}"));
+    let t = match &uri.transport {
         Transport::Tcp { host, port } => {
             let mut s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
             let _ = s.set_nodelay(true);
             starttls(&mut s).await?;
-            let t = connector
-                .connect(server_name, s)
-                .await
-                .map_err(|e| ClientError::Tls(format!("handshake with {name}: {e}")))?;
-            let (r, w) = tokio::io::split(t);
-            Ok((Box::pin(r), Box::pin(w)))
+            let (r, w) = tokio::io::split(connector.connect(server_name, s).await.map_err(fail)?);
+            (Box::pin(r) as BoxRead, Box::pin(w) as BoxWrite)
         }
         Transport::Unix(p) => {
             let mut s = tokio::net::UnixStream::connect(p).await?;
             starttls(&mut s).await?;
-            let t = connector
-                .connect(server_name, s)
-                .await
-                .map_err(|e| ClientError::Tls(format!("handshake with {name}: {e}")))?;
-            let (r, w) = tokio::io::split(t);
-            Ok((Box::pin(r), Box::pin(w)))
+            let (r, w) = tokio::io::split(connector.connect(server_name, s).await.map_err(fail)?);
+            (Box::pin(r) as BoxRead, Box::pin(w) as BoxWrite)
         }
-    }
+    };
+    Ok(t)
 }
 
 async fn starttls<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<(), ClientError> {
