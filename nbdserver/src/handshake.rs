@@ -16,11 +16,11 @@ use std::io;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
 use crate::export::{BlockExport, BlockSizes, Capabilities, MetaContext};
 use crate::proto::{self, info, opt, rep, tflag, ContextId, HeaderMode, MAX_STRING_LEN};
-use crate::server::{ExportEntry, Shared};
+use crate::server::{ExportEntry, ExportSlot, Shared};
 use crate::tls::TlsMode;
 
 /// Largest option payload read into memory. Longer payloads are skipped
@@ -61,6 +61,10 @@ pub enum HandshakeError {
     /// without it (that option has no error reply: the server hangs up).
     #[error("client chose an export with NBD_OPT_EXPORT_NAME before STARTTLS; TLS is required")]
     TlsRequired,
+    /// NBD_OPT_EXPORT_NAME chose an export that already has the most
+    /// connections allowed (that option has no error reply).
+    #[error("{0}")]
+    ExportBusy(String),
     /// The TLS handshake after STARTTLS failed (bad or missing client
     /// certificate, a client that does not trust ours, garbage).
     #[error("TLS handshake: {0}")]
@@ -89,6 +93,9 @@ pub(crate) struct Resume {
 pub(crate) struct Negotiated {
     pub(crate) mode: HeaderMode,
     pub(crate) entry: Arc<ExportEntry>,
+    /// The connection's place among the export's connections (`None` only
+    /// for `NBD_OPT_INFO`, which selects nothing).
+    pub(crate) slot: Option<ExportSlot>,
     pub(crate) size: u64,
     pub(crate) tx_flags: u16,
     pub(crate) caps: Capabilities,
@@ -484,6 +491,7 @@ where
 
 fn negotiated(
     entry: Arc<ExportEntry>,
+    slot: Option<ExportSlot>,
     export: &dyn BlockExport,
     st: &State,
     shared: &Shared,
@@ -505,7 +513,21 @@ fn negotiated(
         block_sizes: effective_block_sizes(export, shared.config.max_payload),
         contexts,
         entry,
+        slot,
     }
+}
+
+/// Count this connection on `entry`, or say why not: the export already
+/// has the most connections the server allows on one export.
+fn attach(entry: &Arc<ExportEntry>, shared: &Shared) -> Result<ExportSlot, String> {
+    let limit = shared.config.max_connections_per_export;
+    entry.attach(limit).ok_or_else(|| {
+        warn!(export = %entry.name, limit, "export has too many connections; refusing another");
+        format!(
+            "export {:?} already has {limit} connections, the server's limit per export",
+            entry.name
+        )
+    })
 }
 
 async fn export_name<S>(
@@ -533,7 +555,9 @@ where
     let export = entry
         .export()
         .ok_or_else(|| HandshakeError::UnknownExport(name.to_string()))?;
-    let n = negotiated(Arc::clone(&entry), export.as_ref(), st, shared);
+    // NBD_OPT_EXPORT_NAME has no error reply: a busy export is a hang-up.
+    let slot = attach(&entry, shared).map_err(HandshakeError::ExportBusy)?;
+    let n = negotiated(Arc::clone(&entry), Some(slot), export.as_ref(), st, shared);
     let mut b = Vec::with_capacity(134);
     b.extend_from_slice(&n.size.to_be_bytes());
     b.extend_from_slice(&n.tx_flags.to_be_bytes());
@@ -600,7 +624,18 @@ where
         .await?;
         return Ok(None);
     };
-    let n = negotiated(entry, export.as_ref(), st, shared);
+    let slot = if option == opt::GO {
+        match attach(&entry, shared) {
+            Ok(slot) => Some(slot),
+            Err(msg) => {
+                send_error(s, option, rep::ERR_POLICY, &msg).await?;
+                return Ok(None);
+            }
+        }
+    } else {
+        None
+    };
+    let n = negotiated(entry, slot, export.as_ref(), st, shared);
 
     let mut b = Vec::with_capacity(12);
     b.extend_from_slice(&info::EXPORT.to_be_bytes());

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -42,11 +42,30 @@ pub struct ServerConfig {
     /// An oversized WRITE payload up to this many bytes is read and discarded
     /// and answered with EOVERFLOW; beyond it the connection is dropped.
     pub discard_limit: u64,
+    /// Payload bytes in flight over all connections together (write data
+    /// held, read replies being filled or sent): the server-wide bound on
+    /// request memory. A request waits for its share before its payload is
+    /// read or its read buffer allocated.
+    pub max_buffered_bytes: usize,
     /// Time allowed for the whole handshake phase.
     pub handshake_timeout: Duration,
+    /// A transmission-phase connection with nothing in flight that sends no
+    /// request for this long is closed. `None` keeps idle connections open.
+    pub idle_timeout: Option<Duration>,
+    /// A reply that cannot be written for this long (the client stopped
+    /// reading), or a request payload that stops arriving for this long,
+    /// closes the connection and frees what it held.
+    pub stall_timeout: Duration,
     /// Connections accepted at once (over all listeners); extra ones are
     /// closed immediately.
     pub max_connections: usize,
+    /// Connections at once from one client IP address (TCP only; unix-socket
+    /// clients count only towards `max_connections`). Extra ones are closed
+    /// immediately.
+    pub max_connections_per_client: usize,
+    /// Connections at once in the transmission phase of one export; a client
+    /// choosing an export that has this many gets `NBD_REP_ERR_POLICY`.
+    pub max_connections_per_export: usize,
     /// Options accepted in one handshake before the server hangs up.
     pub max_options: usize,
     /// Small requests (64 KiB or less) already waiting in the socket buffer
@@ -64,8 +83,13 @@ impl Default for ServerConfig {
             max_inflight_bytes: 64 * 1024 * 1024,
             max_payload: crate::proto::DEFAULT_MAX_PAYLOAD,
             discard_limit: 64 * 1024 * 1024,
+            max_buffered_bytes: 256 * 1024 * 1024,
             handshake_timeout: Duration::from_secs(30),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            stall_timeout: Duration::from_secs(60),
             max_connections: 1024,
+            max_connections_per_client: 256,
+            max_connections_per_export: 64,
             max_options: 16 * 1024,
             max_batch: 8,
             tls: None,
@@ -121,6 +145,8 @@ pub(crate) struct ExportEntry {
     listed: bool,
     state: Mutex<EntryState>,
     drained: Notify,
+    /// Connections in the transmission phase on this export.
+    connections: AtomicUsize,
 }
 
 struct EntryState {
@@ -138,7 +164,19 @@ impl ExportEntry {
                 inflight: 0,
             }),
             drained: Notify::new(),
+            connections: AtomicUsize::new(0),
         }
+    }
+
+    /// Count one more connection on this export, unless it already has
+    /// `limit`: the slot is given back when the returned guard drops.
+    pub(crate) fn attach(self: &Arc<Self>, limit: usize) -> Option<ExportSlot> {
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .ok()?;
+        Some(ExportSlot(Arc::clone(self)))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, EntryState> {
@@ -174,6 +212,15 @@ impl ExportEntry {
             notified.await;
         }
         export
+    }
+}
+
+/// One connection counted on an export (see [`ExportEntry::attach`]).
+pub(crate) struct ExportSlot(Arc<ExportEntry>);
+
+impl Drop for ExportSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -230,6 +277,12 @@ pub(crate) struct Shared {
     listeners: Mutex<Vec<(JoinHandle<()>, Option<PathBuf>)>>,
     next_conn: AtomicU64,
     active: AtomicUsize,
+    /// Open TCP connections per client address.
+    per_client: Mutex<HashMap<IpAddr, usize>>,
+    /// Server-wide payload budget ([`ServerConfig::max_buffered_bytes`]).
+    pub(crate) budget: Arc<Semaphore>,
+    /// Bytes held in all connections' buffer pools together.
+    pub(crate) pooled: Arc<AtomicUsize>,
 }
 
 impl Shared {
@@ -320,7 +373,6 @@ impl Server {
     pub fn new(config: ServerConfig) -> Server {
         Server {
             shared: Arc::new(Shared {
-                config,
                 exports: RwLock::new(HashMap::new()),
                 stopping: CancellationToken::new(),
                 closing: CancellationToken::new(),
@@ -328,6 +380,10 @@ impl Server {
                 listeners: Mutex::new(Vec::new()),
                 next_conn: AtomicU64::new(1),
                 active: AtomicUsize::new(0),
+                per_client: Mutex::new(HashMap::new()),
+                budget: Arc::new(Semaphore::new(budget_permits(config.max_buffered_bytes))),
+                pooled: Arc::new(AtomicUsize::new(0)),
+                config,
             }),
         }
     }
@@ -459,8 +515,12 @@ impl Server {
                 };
                 match accepted {
                     Ok((stream, peer)) => {
+                        let Some(slot) = server.client_slot(peer.ip()) else {
+                            drop(stream);
+                            continue;
+                        };
                         let _ = stream.set_nodelay(true);
-                        server.spawn_connection(stream, peer.to_string());
+                        server.spawn_connection(stream, peer.to_string(), Some(slot));
                     }
                     Err(e) => {
                         warn!(error = %e, "accept failed");
@@ -505,7 +565,7 @@ impl Server {
                     r = listener.accept() => r,
                 };
                 match accepted {
-                    Ok((stream, _)) => server.spawn_connection(stream, "unix".to_string()),
+                    Ok((stream, _)) => server.spawn_connection(stream, "unix".to_string(), None),
                     Err(e) => {
                         warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -524,7 +584,29 @@ impl Server {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn spawn_connection<S>(&self, stream: S, peer: String)
+    /// Count a new connection from `ip`, or refuse it (logged) when that
+    /// address already has [`ServerConfig::max_connections_per_client`].
+    fn client_slot(&self, ip: IpAddr) -> Option<ClientSlot> {
+        let limit = self.shared.config.max_connections_per_client;
+        let mut map = self
+            .shared
+            .per_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= limit {
+            drop(map);
+            warn!(client = %ip, limit, "too many connections from one client address; closing");
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            shared: Arc::clone(&self.shared),
+            ip,
+        })
+    }
+
+    fn spawn_connection<S>(&self, stream: S, peer: String, slot: Option<ClientSlot>)
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -533,6 +615,7 @@ impl Server {
             if let Err(e) = server.serve_connection(stream, &peer).await {
                 debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
 
@@ -712,6 +795,33 @@ where
         Err(e) => info!(error = %e, "connection closed after an error"),
     }
     r.map_err(ConnectionError::from)
+}
+
+/// The number of semaphore permits for a byte budget.
+pub(crate) fn budget_permits(bytes: usize) -> usize {
+    bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize))
+}
+
+/// One connection counted against its client address.
+struct ClientSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .shared
+            .per_client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 struct ActiveGuard<'a>(&'a AtomicUsize);

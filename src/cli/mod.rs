@@ -7,6 +7,7 @@ pub mod image;
 pub mod import;
 pub mod inspect;
 pub mod lifecycle;
+pub mod limits;
 pub mod mount;
 pub mod policy;
 pub mod restore;
@@ -123,6 +124,25 @@ pub fn init_tracing(verbose: u8) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+/// Allow as many open files as the hard limit; returns the new soft limit.
+pub(crate) fn raise_fd_limit() -> Option<u64> {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return None;
+        }
+        if r.rlim_cur < r.rlim_max {
+            let mut up = r;
+            up.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &up) == 0 {
+                r = up;
+            }
+        }
+        Some(r.rlim_cur as u64)
+    }
 }
 
 /// Run a parsed command line; returns the process exit code.

@@ -71,7 +71,8 @@ pub fn run(a: MountArgs) -> anyhow::Result<u8> {
     // Before any thread exists (the --server runtime included): only the
     // mount's signal thread may take SIGINT/SIGTERM.
     block_termination_signals().context("cannot block SIGINT/SIGTERM")?;
-    raise_fd_limit();
+    // Each open chain holds a file per layer.
+    super::raise_fd_limit();
     check_mountpoint(&a.mountpoint)?;
 
     let source: Arc<dyn Source> = match &a.server {
@@ -137,18 +138,6 @@ fn check_mountpoint(p: &std::path::Path) -> anyhow::Result<()> {
             "mount point {}: {e}; create an empty directory there first",
             p.display()
         ),
-    }
-}
-
-/// Each open chain holds a file per layer: allow as many as the hard limit.
-fn raise_fd_limit() {
-    // SAFETY: plain getrlimit/setrlimit on a local struct.
-    unsafe {
-        let mut r: libc::rlimit = std::mem::zeroed();
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
-            r.rlim_cur = r.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &r);
-        }
     }
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 
+use super::limits::NbdLimits;
 use crate::engine::{Engine, EngineConfig};
 use crate::tls::TlsFiles;
 use chainvault_nbd::tls::TlsMode;
@@ -82,6 +83,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MIB_S", env = "CHAINVAULT_VERIFY_RATE", default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub verify_rate: u64,
+    #[command(flatten)]
+    pub limits: NbdLimits,
 }
 
 impl ServeArgs {
@@ -108,7 +111,7 @@ impl ServeArgs {
             extended_l2,
             verify_every: self.verify_every,
             verify_rate_mib_s: self.verify_rate,
-            nbd: chainvault_nbd::ServerConfig::default(),
+            nbd: self.limits.server_config(),
         })
     }
 
@@ -231,6 +234,18 @@ pub fn run(a: ServeArgs, tls: &TlsFiles) -> anyhow::Result<u8> {
 
 async fn serve(a: ServeArgs, tls_files: &TlsFiles) -> anyhow::Result<u8> {
     let mut cfg = a.engine_config()?;
+    // Every NBD and HTTP connection is a file descriptor, and each open
+    // chain holds one per layer.
+    let files = super::raise_fd_limit();
+    let wanted = cfg.nbd.max_connections as u64 + 512;
+    if let Some(n) = files.filter(|n| *n < wanted) {
+        tracing::warn!(
+            open_files = n,
+            nbd_max_connections = cfg.nbd.max_connections,
+            "the open-file limit is below --nbd-max-connections plus room for images and HTTP; \
+             raise it (ulimit -n, or LimitNOFILE= in the systemd unit) or lower --nbd-max-connections"
+        );
+    }
     let tls = crate::tls::server_side(tls_files, a.nbd_tls)?;
     if let Some(t) = &tls {
         if a.nbd_tls != Some(TlsMode::Off) {

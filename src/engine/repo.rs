@@ -103,13 +103,23 @@ pub fn read_sidecar(path: &Path) -> Result<Sidecar, String> {
         .map_err(|e| format!("{}: not a chainvault sidecar: {e}", path.display()))
 }
 
-/// Remove an image, its sidecar and its block digests (missing files are fine).
+/// Remove an image, its sidecar and its block digests (missing files are fine),
+/// and the temporary files of a sidecar or digest write a crash cut off
+/// (`.<name>.tmp`, see [`write_atomic`] and `digest::file::FileWriter`).
 pub fn remove_point(image_abs: &Path) {
-    for p in [
-        image_abs.to_path_buf(),
+    let files = [
         sidecar_of(image_abs),
         crate::digest::file::path_of(image_abs),
-    ] {
+    ];
+    let temps = files.iter().filter_map(|f| {
+        let name = f.file_name()?.to_string_lossy().into_owned();
+        Some(f.with_file_name(format!(".{name}.tmp")))
+    });
+    let all: Vec<PathBuf> = std::iter::once(image_abs.to_path_buf())
+        .chain(files.iter().cloned())
+        .chain(temps)
+        .collect();
+    for p in all {
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

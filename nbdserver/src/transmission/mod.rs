@@ -14,14 +14,15 @@
 use std::io::{self, IoSlice};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, trace, warn};
+use tracing::{debug, info, trace, warn};
 
 use crate::export::{BlockExport, Capabilities, Extent, MetaContext, ZeroFlags};
 use crate::handshake::Negotiated;
@@ -29,7 +30,7 @@ use crate::proto::{
     self, cflag, cmd, reply_type, tflag, ContextId, Cookie, HeaderError, HeaderMode, NbdErrno,
     RequestHeader, REPLY_FLAG_DONE, STATE_ZERO,
 };
-use crate::server::{ExportEntry, InflightGuard, Shared};
+use crate::server::{budget_permits, ExportEntry, ExportSlot, InflightGuard, Shared};
 
 /// Errors that end the transmission phase abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +63,8 @@ use sink::*;
 struct Permits {
     _count: Option<OwnedSemaphorePermit>,
     _bytes: Option<OwnedSemaphorePermit>,
+    /// The same bytes, from the server-wide budget.
+    _shared: Option<OwnedSemaphorePermit>,
 }
 
 /// Per-connection facts shared with the worker closures.
@@ -74,6 +77,8 @@ struct Conn {
     max_payload: u64,
     contexts: Vec<(ContextId, MetaContext)>,
     entry: Arc<ExportEntry>,
+    /// Counts this connection on its export while it lives.
+    _slot: Option<ExportSlot>,
     pool: Arc<BufPool>,
 }
 
@@ -97,7 +102,8 @@ where
         max_payload: u64::from(neg.block_sizes.maximum),
         contexts: neg.contexts,
         entry: neg.entry,
-        pool: Arc::default(),
+        _slot: neg.slot,
+        pool: Arc::new(BufPool::new(Arc::clone(&shared.pooled))),
     });
     let (rd, wr) = tokio::io::split(stream);
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
@@ -108,26 +114,31 @@ where
         failed: AtomicBool::new(false),
         error: Mutex::new(None),
         stop: stop.clone(),
+        stall_timeout: cfg.stall_timeout,
     });
 
-    let max_count = cfg
-        .max_inflight_requests
-        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
-    let max_bytes = cfg
-        .max_inflight_bytes
-        .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+    let max_count = budget_permits(cfg.max_inflight_requests);
+    // One request never needs more than the server-wide budget either.
+    let max_bytes =
+        budget_permits(cfg.max_inflight_bytes).min(budget_permits(cfg.max_buffered_bytes));
     let count_sem = Arc::new(Semaphore::new(max_count));
-    let bytes_sem = Arc::new(Semaphore::new(max_bytes));
+    let budget = Budget {
+        own: Arc::new(Semaphore::new(max_bytes)),
+        shared: Arc::clone(&shared.budget),
+        max: max_bytes,
+    };
     let limits = Limits {
         discard_limit: cfg.discard_limit,
-        max_bytes,
         max_batch: cfg.max_batch.max(1),
+        idle_timeout: cfg.idle_timeout,
+        stall_timeout: cfg.stall_timeout,
+        max_count,
     };
 
     // The loop also watches `stop` between requests; this outer select
     // covers a client that stalls in the middle of a header or payload.
     let result = tokio::select! {
-        r = read_loop(&mut rd, &conn, &sink, &count_sem, &bytes_sem, &limits, &stop) => r,
+        r = read_loop(&mut rd, &conn, &sink, &count_sem, &budget, &limits, &stop) => r,
         _ = stop.cancelled() => Ok(()),
     };
 
@@ -143,8 +154,19 @@ where
 
 struct Limits {
     discard_limit: u64,
-    max_bytes: usize,
     max_batch: usize,
+    idle_timeout: Option<Duration>,
+    stall_timeout: Duration,
+    max_count: usize,
+}
+
+/// Payload bytes a connection may hold: its own share, and the same bytes
+/// again from the server-wide budget.
+struct Budget {
+    own: Arc<Semaphore>,
+    shared: Arc<Semaphore>,
+    /// Most one request takes (larger ones take this much).
+    max: usize,
 }
 
 /// Requests with at most this much payload or read data may be batched.
@@ -233,6 +255,66 @@ async fn acquire(
     }
 }
 
+/// Take `bytes` (at most the connection's share) from the connection's and
+/// the server's budgets into `permits`. False when the connection stops.
+async fn take_bytes(
+    budget: &Budget,
+    bytes: usize,
+    permits: &mut Permits,
+    batch: &mut Vec<Job>,
+    conn: &Arc<Conn>,
+    sink: &Arc<ReplySink>,
+    stop: &CancellationToken,
+) -> bool {
+    let want = bytes.clamp(1, budget.max) as u32;
+    let Some(own) = acquire(&budget.own, want, batch, conn, sink, stop).await else {
+        return false;
+    };
+    let Some(shared) = acquire(&budget.shared, want, batch, conn, sink, stop).await else {
+        return false;
+    };
+    permits._bytes = Some(own);
+    permits._shared = Some(shared);
+    true
+}
+
+/// Resolves once the connection has been idle for the idle timeout: no
+/// request read and none in flight. Pending forever without a timeout.
+async fn idle(limits: &Limits, count_sem: &Semaphore) {
+    let Some(limit) = limits.idle_timeout else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(limit).await;
+        // Requests still in flight: the client is waiting on us, not idle.
+        if count_sem.available_permits() == limits.max_count {
+            return;
+        }
+    }
+}
+
+/// Read part of a request under the stall timeout: a client that stops
+/// sending in the middle of a request is disconnected.
+async fn within_stall<T>(
+    limits: &Limits,
+    what: &str,
+    read: impl std::future::Future<Output = io::Result<T>>,
+) -> io::Result<T> {
+    match tokio::time::timeout(limits.stall_timeout, read).await {
+        Ok(r) => r,
+        Err(_) => {
+            warn!(timeout = ?limits.stall_timeout, "client stalled in the middle of {what}; closing");
+            Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "client sent nothing for {:?} in the middle of {what}",
+                    limits.stall_timeout
+                ),
+            ))
+        }
+    }
+}
+
 /// Whether the next request (header and any payload) is already buffered.
 fn next_request_buffered(buf: &[u8], mode: HeaderMode) -> bool {
     let hl = mode.request_len();
@@ -297,7 +379,7 @@ async fn read_loop<R>(
     conn: &Arc<Conn>,
     sink: &Arc<ReplySink>,
     count_sem: &Arc<Semaphore>,
-    bytes_sem: &Arc<Semaphore>,
+    budget: &Budget,
     limits: &Limits,
     stop: &CancellationToken,
 ) -> Result<(), TransmissionError>
@@ -321,6 +403,11 @@ where
                 return Ok(());
             }
             h = read_header(rd, conn.mode) => h?,
+            _ = idle(limits, count_sem) => {
+                info!(timeout = ?limits.idle_timeout, "connection idle; closing it");
+                dispatch(batch, conn, sink);
+                return Ok(());
+            }
         };
         let Some(h) = header else {
             debug!("client closed the connection");
@@ -373,7 +460,7 @@ where
             };
         let mut permits = Permits {
             _count: Some(count),
-            _bytes: None,
+            ..Permits::default()
         };
         if payload_len > conn.max_payload || (payload_len > 0 && h.command != cmd::WRITE) {
             if payload_len > limits.discard_limit.max(conn.max_payload) {
@@ -383,7 +470,7 @@ where
                 );
                 return Err(TransmissionError::PayloadTooLarge(payload_len));
             }
-            discard(rd, payload_len).await?;
+            within_stall(limits, "a refused payload", discard(rd, payload_len)).await?;
             let (errno, msg) = if h.command == cmd::WRITE {
                 (
                     NbdErrno::EOVERFLOW,
@@ -398,13 +485,26 @@ where
         }
         let mut payload: Option<Vec<u8>> = None;
         if h.command == cmd::WRITE {
-            let want = (payload_len as usize).clamp(1, limits.max_bytes) as u32;
-            let Some(bp) = acquire(bytes_sem, want, &mut batch, conn, sink, stop).await else {
+            if !take_bytes(
+                budget,
+                payload_len as usize,
+                &mut permits,
+                &mut batch,
+                conn,
+                sink,
+                stop,
+            )
+            .await
+            {
                 return Ok(());
-            };
-            permits._bytes = Some(bp);
+            }
             let mut v = conn.pool.take(payload_len as usize);
-            let got = (&mut *rd).take(payload_len).read_to_end(&mut v).await?;
+            let got = within_stall(
+                limits,
+                "a write payload",
+                (&mut *rd).take(payload_len).read_to_end(&mut v),
+            )
+            .await?;
             if (got as u64) < payload_len {
                 return Err(TransmissionError::Io(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -436,11 +536,9 @@ where
             _ => None,
         };
         if let Some(bytes) = reply_bytes {
-            let want = bytes.clamp(1, limits.max_bytes) as u32;
-            let Some(bp) = acquire(bytes_sem, want, &mut batch, conn, sink, stop).await else {
+            if !take_bytes(budget, bytes, &mut permits, &mut batch, conn, sink, stop).await {
                 return Ok(());
-            };
-            permits._bytes = Some(bp);
+            }
         }
         let Some(guard) = conn.entry.begin() else {
             dispatch(std::mem::take(&mut batch), conn, sink);

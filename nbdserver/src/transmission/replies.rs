@@ -5,38 +5,50 @@ use super::*;
 
 /// Recycles write-payload buffers, so that a stream of large writes does not
 /// map, fault in and unmap fresh memory for every request. Bounded to
-/// [`POOL_MAX_BYTES`] per connection.
-#[derive(Default)]
+/// [`POOL_MAX_BYTES`] per connection and [`POOL_TOTAL_BYTES`] over all.
 pub(super) struct BufPool {
-    pub(super) free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Vec<Vec<u8>>>,
+    /// Bytes held by every connection's pool together.
+    total: Arc<AtomicUsize>,
 }
 
 pub(super) const POOL_MAX_BYTES: usize = 32 * 1024 * 1024;
 pub(super) const POOL_MAX_BUFFER: usize = 4 * 1024 * 1024;
+/// Idle buffers kept over all connections together.
+pub(super) const POOL_TOTAL_BYTES: usize = 64 * 1024 * 1024;
 
 impl BufPool {
-    pub(super) fn take(&self, len: usize) -> Vec<u8> {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = free.iter().position(|b| b.capacity() >= len) {
-            let mut v = free.swap_remove(i);
-            v.clear();
-            return v;
+    pub(super) fn new(total: Arc<AtomicUsize>) -> BufPool {
+        BufPool {
+            free: Mutex::default(),
+            total,
         }
-        drop(free);
-        Vec::with_capacity(len)
+    }
+
+    /// A pooled buffer with room for `len` bytes, taken out of the pool.
+    fn reuse(&self, len: usize) -> Option<Vec<u8>> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        let i = free.iter().position(|b| b.capacity() >= len)?;
+        let v = free.swap_remove(i);
+        self.total.fetch_sub(v.capacity(), Ordering::AcqRel);
+        Some(v)
+    }
+
+    pub(super) fn take(&self, len: usize) -> Vec<u8> {
+        match self.reuse(len) {
+            Some(mut v) => {
+                v.clear();
+                v
+            }
+            None => Vec::with_capacity(len),
+        }
     }
 
     /// A buffer of exactly `len` initialised bytes for a read to fill. A
     /// recycled buffer keeps its old contents (only growth is cleared): every
     /// byte of it that is sent was read into it first.
     pub(super) fn take_filled(self: &Arc<Self>, len: usize) -> Recycled {
-        let mut buf = {
-            let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-            match free.iter().position(|b| b.capacity() >= len) {
-                Some(i) => free.swap_remove(i),
-                None => Vec::new(),
-            }
-        };
+        let mut buf = self.reuse(len).unwrap_or_default();
         buf.truncate(len);
         buf.resize(len, 0);
         Recycled {
@@ -49,11 +61,28 @@ impl BufPool {
         if v.capacity() == 0 || v.capacity() > POOL_MAX_BUFFER {
             return;
         }
+        let cap = v.capacity();
         let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
         let held: usize = free.iter().map(|b| b.capacity()).sum();
-        if held + v.capacity() <= POOL_MAX_BYTES {
+        if held + cap > POOL_MAX_BYTES {
+            return;
+        }
+        let room = self
+            .total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                (t + cap <= POOL_TOTAL_BYTES).then_some(t + cap)
+            });
+        if room.is_ok() {
             free.push(v);
         }
+    }
+}
+
+impl Drop for BufPool {
+    fn drop(&mut self) {
+        let free = self.free.get_mut().unwrap_or_else(|p| p.into_inner());
+        let held: usize = free.iter().map(|b| b.capacity()).sum();
+        self.total.fetch_sub(held, Ordering::AcqRel);
     }
 }
 

@@ -30,6 +30,8 @@ pub(super) struct ReplySink {
     pub(super) failed: AtomicBool,
     pub(super) error: Mutex<Option<io::Error>>,
     pub(super) stop: CancellationToken,
+    /// A batch of replies not written within this long ends the connection.
+    pub(super) stall_timeout: Duration,
 }
 
 impl ReplySink {
@@ -72,9 +74,19 @@ impl ReplySink {
                 continue;
             }
             let bufs: Vec<Bytes> = batch.iter().flat_map(|m| m.bufs.iter().cloned()).collect();
-            let r = match write_all_vectored(&mut *w, &bufs).await {
-                Ok(()) => w.flush().await,
-                Err(e) => Err(e),
+            let write = async {
+                write_all_vectored(&mut *w, &bufs).await?;
+                w.flush().await
+            };
+            let r = match tokio::time::timeout(self.stall_timeout, write).await {
+                Ok(r) => r,
+                Err(_) => {
+                    warn!(timeout = ?self.stall_timeout, "client stopped reading replies; closing");
+                    Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("client read no reply for {:?}", self.stall_timeout),
+                    ))
+                }
             };
             if let Err(e) = r {
                 debug!(error = %e, "writing replies failed; stopping the connection");
