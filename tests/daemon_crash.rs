@@ -47,52 +47,6 @@ fn start_inc_1disk(d: &Daemon, vm: &str, parent: &str, prev_cid: &str) -> (Strin
     (s(&r["backup_id"]), s(&x["nbd_uri"]))
 }
 
-fn assert_interrupted(d: &Daemon, id: &str, what: &str) {
-    let v = d.backup(id);
-    assert_eq!(
-        v["status"],
-        "interrupted",
-        "{what}: backup status after restart: {}",
-        pretty(&v)
-    );
-    for x in v["disks"].as_array().unwrap() {
-        assert_eq!(
-            x["status"],
-            "interrupted",
-            "{what}: disk status after restart: {}",
-            pretty(x)
-        );
-        assert!(
-            x["change_id"].is_null() || x["change_id"] == "",
-            "{what}: an interrupted disk must not carry a change_id: {}",
-            pretty(x)
-        );
-        // model.rs: Interrupted = "its images were removed".
-        if let Some(rel) = x["image"].as_str() {
-            let p = abs_image(&d.data, rel);
-            assert!(
-                !p.exists(),
-                "{what}: half-written image {} was left behind",
-                p.display()
-            );
-        }
-    }
-    // Not a restore point.
-    let r = d.post("/api/v1/restores", &json!({"backup_id": id, "disk_id": 0}));
-    assert!(
-        r.0 >= 400 && r.0 < 500,
-        "{what}: a restore of an interrupted backup must be refused, got HTTP {} {}",
-        r.0,
-        pretty(&r.1)
-    );
-    assert_error_body(&format!("{what}: restore of an interrupted backup"), &r);
-    assert!(
-        d.list("status=running").is_empty(),
-        "{what}: running backups after restart: {:?}",
-        d.list("status=running")
-    );
-}
-
 fn head(d: &Daemon, vm: &str) -> Value {
     d.chain(vm, 0)["head"].clone()
 }

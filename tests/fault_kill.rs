@@ -195,6 +195,33 @@ fn plan(r: &mut Rng, base: &[u8], n: usize, final_flush: bool) -> Plan {
     Plan { ops, new }
 }
 
+/// Requests that failed, by when: before the kill (real failures), after it
+/// (expected), or never answered.
+#[derive(Default)]
+struct Failures {
+    /// Errors while no kill had been sent: real failures.
+    early: Vec<String>,
+    /// Errors once the kill was sent: expected.
+    late: usize,
+    /// No reply within [`HANG`].
+    hung: Vec<String>,
+}
+
+impl Failures {
+    /// Count a failure of `what` as early or late.
+    fn failed(&mut self, kill: &KillFlags, what: String) {
+        if kill.sent.load(Ordering::SeqCst) {
+            self.late += 1;
+        } else {
+            self.early.push(what);
+        }
+    }
+
+    fn none(&self) -> bool {
+        self.early.is_empty() && self.late == 0 && self.hung.is_empty()
+    }
+}
+
 /// What the writer knows: which requests it sent, which got a reply, which
 /// are durable by that reply (FUA) or by a later flush's.
 #[derive(Default)]
@@ -202,11 +229,7 @@ struct WriteLog {
     sent: Vec<bool>,
     acked: Vec<bool>,
     durable: Vec<bool>,
-    /// Errors while no kill had been sent: real failures.
-    early_errors: Vec<String>,
-    /// Errors once the kill was sent: expected.
-    late_errors: usize,
-    hung: Vec<String>,
+    errors: Failures,
 }
 
 impl WriteLog {
@@ -224,6 +247,14 @@ struct KillFlags {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The log out of its shared cell (taken out if a task still holds it).
+fn take_log<T: Default>(log: Arc<Mutex<T>>) -> T {
+    match Arc::try_unwrap(log) {
+        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),
+        Err(a) => std::mem::take(&mut *lock(&a)),
+    }
 }
 
 /// Write `plan` through the NBD export at `uri`, `qd` requests in flight.
@@ -244,14 +275,7 @@ async fn write_plan(
         durable: vec![false; n],
         ..WriteLog::default()
     }));
-    let failed = |log: &Mutex<WriteLog>, what: String| {
-        let mut l = lock(log);
-        if kill.sent.load(Ordering::SeqCst) {
-            l.late_errors += 1;
-        } else {
-            l.early_errors.push(what);
-        }
-    };
+    let failed = |log: &Mutex<WriteLog>, what: String| lock(log).errors.failed(&kill, what);
     let c = match tokio::time::timeout(HANG, Client::connect(&uri)).await {
         Ok(Ok(c)) => Arc::new(c),
         Ok(Err(e)) => {
@@ -259,13 +283,13 @@ async fn write_plan(
             return take_log(log);
         }
         Err(_) => {
-            lock(&log).hung.push(format!("connect {uri}"));
+            lock(&log).errors.hung.push(format!("connect {uri}"));
             return take_log(log);
         }
     };
     let info = c.info();
     if !(info.can_flush() && info.can_fua() && info.can_zero()) || info.is_read_only() {
-        lock(&log).early_errors.push(format!(
+        lock(&log).errors.early.push(format!(
             "the backup export must be writable with FLUSH, FUA and WRITE_ZEROES: {info:?}"
         ));
         return take_log(log);
@@ -274,8 +298,7 @@ async fn write_plan(
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..n {
         {
-            let l = lock(&log);
-            if !l.early_errors.is_empty() || l.late_errors > 0 || !l.hung.is_empty() {
+            if !lock(&log).errors.none() {
                 break;
             }
         }
@@ -332,15 +355,9 @@ async fn write_plan(
                     drop(l);
                     progress.fetch_add(1, Ordering::SeqCst);
                 }
-                Ok(Err(e)) => {
-                    let mut l = lock(&log);
-                    if kill.sent.load(Ordering::SeqCst) {
-                        l.late_errors += 1;
-                    } else {
-                        l.early_errors.push(format!("{what}: {e}"));
-                    }
-                }
+                Ok(Err(e)) => lock(&log).errors.failed(&kill, format!("{what}: {e}")),
                 Err(_) => lock(&log)
+                    .errors
                     .hung
                     .push(format!("{what}: no reply within {HANG:?}")),
             }
@@ -349,26 +366,16 @@ async fn write_plan(
     }
     while tasks.join_next().await.is_some() {}
     if let Ok(c) = Arc::try_unwrap(c) {
-        let clean = {
-            let l = lock(&log);
-            l.early_errors.is_empty() && l.late_errors == 0 && l.hung.is_empty()
-        };
+        let clean = lock(&log).errors.none();
         if disconnect && clean {
             match tokio::time::timeout(HANG, c.disconnect()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => failed(&log, format!("disconnect: {e}")),
-                Err(_) => lock(&log).hung.push("disconnect".into()),
+                Err(_) => lock(&log).errors.hung.push("disconnect".into()),
             }
         }
     }
     take_log(log)
-}
-
-fn take_log(log: Arc<Mutex<WriteLog>>) -> WriteLog {
-    match Arc::try_unwrap(log) {
-        Ok(m) => m.into_inner().unwrap_or_else(|p| p.into_inner()),
-        Err(a) => std::mem::take(&mut *lock(&a)),
-    }
 }
 
 /// `got` (the image as read after a kill) against the plan: durable writes
@@ -564,44 +571,6 @@ fn read_image(img: &Path, scratch: &Path) -> Vec<u8> {
     v
 }
 
-/// After a restart: the backup is `interrupted`, carries no change_id, its
-/// image is gone and it is not a restore point.
-fn assert_interrupted(d: &Daemon, id: &str, what: &str) {
-    let v = d.backup(id);
-    assert_eq!(
-        v["status"],
-        "interrupted",
-        "{what}: backup status after restart: {}",
-        pretty(&v)
-    );
-    for x in v["disks"].as_array().unwrap() {
-        assert_eq!(x["status"], "interrupted", "{what}: {}", pretty(x));
-        assert!(
-            x["change_id"].is_null() || x["change_id"] == "",
-            "{what}: an interrupted disk must not carry a change_id: {}",
-            pretty(x)
-        );
-        if let Some(rel) = x["image"].as_str() {
-            let p = abs_image(&d.data, rel);
-            assert!(
-                !p.exists(),
-                "{what}: half-written image {} was left behind",
-                p.display()
-            );
-        }
-    }
-    let r = d.post("/api/v1/restores", &json!({"backup_id": id, "disk_id": 0}));
-    assert!(
-        (400..500).contains(&r.0),
-        "{what}: a restore of an interrupted backup must be refused, got HTTP {} {}",
-        r.0,
-        pretty(&r.1)
-    );
-}
-
-// ---------------------------------------------------------------------------
-// A group: one repository, one VM, its points
-
 struct Point {
     id: String,
     cid: String,
@@ -791,10 +760,10 @@ impl Group {
             Arc::new(KillFlags::default()),
         ));
         assert!(
-            log.early_errors.is_empty() && log.hung.is_empty() && log.late_errors == 0,
+            log.errors.none(),
             "{what}: writing the next backup: errors {:?}, hung {:?}",
-            log.early_errors,
-            log.hung
+            log.errors.early,
+            log.errors.hung
         );
         std::fs::write(&snap, &p.new).unwrap();
         let t0 = Instant::now();
@@ -896,14 +865,14 @@ fn ingest(g: &mut Group, r: &mut Rng, rt: &Runtime, st: &mut Stats) -> String {
     g.d.take().unwrap().kill9();
 
     assert!(
-        log.hung.is_empty(),
+        log.errors.hung.is_empty(),
         "NBD requests hung after the kill: {:?}",
-        log.hung
+        log.errors.hung
     );
     assert!(
-        log.early_errors.is_empty(),
+        log.errors.early.is_empty(),
         "NBD requests failed before any kill: {:?}",
-        log.early_errors
+        log.errors.early
     );
     g.leaks += check_all_images("after the kill (ingest)", &g.data);
     let durable = WriteLog::count(&log.durable);
@@ -930,7 +899,7 @@ fn ingest(g: &mut Group, r: &mut Rng, rt: &Runtime, st: &mut Stats) -> String {
         if ki.after_done { " (after the writer ended)" } else { "" },
         WriteLog::count(&log.sent),
         WriteLog::count(&log.acked),
-        log.late_errors,
+        log.errors.late,
     )
 }
 
@@ -965,10 +934,10 @@ fn completion(g: &mut Group, r: &mut Rng, rt: &Runtime, st: &mut Stats) -> Strin
         Arc::new(KillFlags::default()),
     ));
     assert!(
-        log.early_errors.is_empty() && log.hung.is_empty() && log.late_errors == 0,
+        log.errors.none(),
         "writing before the completion: errors {:?}, hung {:?}",
-        log.early_errors,
-        log.hung
+        log.errors.early,
+        log.errors.hung
     );
     std::fs::write(&snap, &p.new).unwrap();
 
@@ -1076,15 +1045,30 @@ fn completion(g: &mut Group, r: &mut Rng, rt: &Runtime, st: &mut Stats) -> Strin
     )
 }
 
+/// What the readers of a restore export or of a mount saw.
 #[derive(Default)]
 struct ReadLog {
     ok: usize,
     wrong: Vec<String>,
-    early_errors: Vec<String>,
-    late_errors: usize,
-    /// Reads started once the daemon was dead.
+    errors: Failures,
+    /// Reads started once the daemon was dead (through the mount: of
+    /// chunks never read before).
     after_death: usize,
-    hung: Vec<String>,
+}
+
+impl ReadLog {
+    /// A read of the chunk at `off` that returned `data`.
+    fn read(&mut self, data: &[u8], want: &[u8], off: u64) {
+        if data[..] != want[off as usize..(off + CHUNK) as usize] {
+            self.wrong.push(format!("{CHUNK} bytes at {off}"));
+        }
+        self.ok += 1;
+    }
+
+    /// Enough reads failed after the kill: stop reading.
+    fn enough(&self) -> bool {
+        self.errors.late > 4 || !self.errors.early.is_empty() || !self.errors.hung.is_empty()
+    }
 }
 
 /// Read the chunks in `order` of the restore export at `uri`, `qd` at a
@@ -1101,29 +1085,22 @@ async fn read_export(
     let c = match tokio::time::timeout(HANG, Client::connect(&uri)).await {
         Ok(Ok(c)) => Arc::new(c),
         Ok(Err(e)) => {
-            let mut l = lock(&log);
-            if kill.sent.load(Ordering::SeqCst) {
-                l.late_errors += 1;
-            } else {
-                l.early_errors.push(format!("connect {uri}: {e}"));
-            }
-            drop(l);
-            return Arc::try_unwrap(log).ok().unwrap().into_inner().unwrap();
+            lock(&log)
+                .errors
+                .failed(&kill, format!("connect {uri}: {e}"));
+            return take_log(log);
         }
         Err(_) => {
-            lock(&log).hung.push(format!("connect {uri}"));
-            return Arc::try_unwrap(log).ok().unwrap().into_inner().unwrap();
+            lock(&log).errors.hung.push(format!("connect {uri}"));
+            return take_log(log);
         }
     };
     let sem = Arc::new(tokio::sync::Semaphore::new(qd));
     let mut tasks = tokio::task::JoinSet::new();
     for chunk in order {
-        {
-            let l = lock(&log);
-            // A few more reads after the first failure, then stop.
-            if l.late_errors > 4 || !l.early_errors.is_empty() || !l.hung.is_empty() {
-                break;
-            }
+        // A few more reads after the first failure, then stop.
+        if lock(&log).enough() {
+            break;
         }
         let Ok(permit) = sem.clone().acquire_owned().await else {
             break;
@@ -1142,23 +1119,14 @@ async fn read_export(
             }
             match tokio::time::timeout(HANG, c.read(off, CHUNK)).await {
                 Ok(Ok(data)) => {
-                    let mut l = lock(&log);
-                    if data[..] != want[off as usize..(off + CHUNK) as usize] {
-                        l.wrong.push(format!("{CHUNK} bytes at {off}"));
-                    }
-                    l.ok += 1;
-                    drop(l);
+                    lock(&log).read(&data, &want, off);
                     progress.fetch_add(1, Ordering::SeqCst);
                 }
-                Ok(Err(e)) => {
-                    let mut l = lock(&log);
-                    if kill.sent.load(Ordering::SeqCst) {
-                        l.late_errors += 1;
-                    } else {
-                        l.early_errors.push(format!("read at {off}: {e}"));
-                    }
-                }
+                Ok(Err(e)) => lock(&log)
+                    .errors
+                    .failed(&kill, format!("read at {off}: {e}")),
                 Err(_) => lock(&log)
+                    .errors
                     .hung
                     .push(format!("read at {off}: no reply within {HANG:?}")),
             }
@@ -1167,11 +1135,7 @@ async fn read_export(
     }
     while tasks.join_next().await.is_some() {}
     drop(c);
-    Arc::try_unwrap(log)
-        .ok()
-        .unwrap()
-        .into_inner()
-        .unwrap_or_else(|p| p.into_inner())
+    take_log(log)
 }
 
 fn random_order(r: &mut Rng) -> Vec<u64> {
@@ -1283,14 +1247,14 @@ fn restore(g: &mut Group, r: &mut Rng, rt: &Runtime, st: &mut Stats) -> String {
         let ki = killer.join().expect("killer thread");
         g.d.take().unwrap().kill9();
         assert!(
-            log.hung.is_empty(),
+            log.errors.hung.is_empty(),
             "restore reads hung after the kill: {:?}",
-            log.hung
+            log.errors.hung
         );
         assert!(
-            log.early_errors.is_empty(),
+            log.errors.early.is_empty(),
             "restore reads failed before the kill: {:?}",
-            log.early_errors
+            log.errors.early
         );
         assert!(
             log.wrong.is_empty(),
@@ -1298,17 +1262,17 @@ fn restore(g: &mut Group, r: &mut Rng, rt: &Runtime, st: &mut Stats) -> String {
             log.wrong
         );
         assert!(
-            log.after_death == 0 || log.late_errors > 0,
+            log.after_death == 0 || log.errors.late > 0,
             "{} reads were sent after the daemon died, and none failed",
             log.after_death
         );
-        st.read_errors_after_kill += log.late_errors;
+        st.read_errors_after_kill += log.errors.late;
         format!(
             "NBD reads of point {pi}, qd {qd}, killed at {} chunks{}: {} read and compared, {} failed after the kill",
             ki.at,
             if ki.after_done { " (after the reader ended)" } else { "" },
             log.ok,
-            log.late_errors
+            log.errors.late
         )
     };
     g.leaks += check_all_images("after the kill (restore)", &g.data);
@@ -1316,15 +1280,6 @@ fn restore(g: &mut Group, r: &mut Rng, rt: &Runtime, st: &mut Stats) -> String {
     g.verify("after the restart (restore)");
     restore_reads_back(g, r, "after the restart (restore)");
     note
-}
-
-struct MountRead {
-    ok: usize,
-    wrong: Vec<String>,
-    early_errors: Vec<String>,
-    late_errors: usize,
-    /// Reads started once the daemon was dead, of chunks never read before.
-    after_death: usize,
 }
 
 /// Read `file` in chunks in `order`, comparing with `want`; the reader of
@@ -1335,24 +1290,18 @@ fn read_file(
     order: Vec<u64>,
     progress: Arc<AtomicUsize>,
     kill: Arc<KillFlags>,
-) -> MountRead {
-    let mut m = MountRead {
-        ok: 0,
-        wrong: Vec::new(),
-        early_errors: Vec::new(),
-        late_errors: 0,
-        after_death: 0,
-    };
+) -> ReadLog {
+    let mut m = ReadLog::default();
     let f = match std::fs::File::open(&file) {
         Ok(f) => f,
         Err(e) => {
-            m.early_errors.push(format!("open {}: {e}", file.display()));
+            m.errors.early.push(format!("open {}: {e}", file.display()));
             return m;
         }
     };
     let mut buf = vec![0u8; CHUNK as usize];
     for chunk in order {
-        if m.late_errors > 4 {
+        if m.enough() {
             break;
         }
         let off = chunk * CHUNK;
@@ -1361,19 +1310,10 @@ fn read_file(
         }
         match f.read_exact_at(&mut buf, off) {
             Ok(()) => {
-                if buf[..] != want[off as usize..(off + CHUNK) as usize] {
-                    m.wrong.push(format!("{CHUNK} bytes at {off}"));
-                }
-                m.ok += 1;
+                m.read(&buf, &want, off);
                 progress.fetch_add(1, Ordering::SeqCst);
             }
-            Err(e) => {
-                if kill.sent.load(Ordering::SeqCst) {
-                    m.late_errors += 1;
-                } else {
-                    m.early_errors.push(format!("read at {off}: {e}"));
-                }
-            }
+            Err(e) => m.errors.failed(&kill, format!("read at {off}: {e}")),
         }
     }
     m
@@ -1444,9 +1384,9 @@ fn mount(g: &mut Group, r: &mut Rng, _rt: &Runtime, st: &mut Stats) -> String {
     };
     let _ = reader.join();
     assert!(
-        res.early_errors.is_empty(),
+        res.errors.early.is_empty(),
         "mount reads failed before the kill: {:?}",
-        res.early_errors
+        res.errors.early
     );
     assert!(
         res.wrong.is_empty(),
@@ -1454,11 +1394,11 @@ fn mount(g: &mut Group, r: &mut Rng, _rt: &Runtime, st: &mut Stats) -> String {
         res.wrong
     );
     assert!(
-        res.after_death < 8 || res.late_errors > 0,
+        res.after_death < 8 || res.errors.late > 0,
         "{} reads of uncached chunks were started through the mount after the daemon died, and none failed",
         res.after_death
     );
-    st.read_errors_after_kill += res.late_errors;
+    st.read_errors_after_kill += res.errors.late;
     // With the daemon gone, unmounting from outside still ends it cleanly.
     m.fusermount_u();
 
@@ -1484,7 +1424,7 @@ fn mount(g: &mut Group, r: &mut Rng, _rt: &Runtime, st: &mut Stats) -> String {
         ki.at,
         if ki.after_done { " (after the reader ended)" } else { "" },
         res.ok,
-        res.late_errors,
+        res.errors.late,
         res.after_death
     )
 }

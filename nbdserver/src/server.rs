@@ -381,7 +381,7 @@ impl Server {
                 next_conn: AtomicU64::new(1),
                 active: AtomicUsize::new(0),
                 per_client: Mutex::new(HashMap::new()),
-                budget: Arc::new(Semaphore::new(budget_permits(config.max_buffered_bytes))),
+                budget: Arc::new(Semaphore::new(semaphore_permits(config.max_buffered_bytes))),
                 pooled: Arc::new(AtomicUsize::new(0)),
                 config,
             }),
@@ -797,9 +797,9 @@ where
     r.map_err(ConnectionError::from)
 }
 
-/// The number of semaphore permits for a byte budget.
-pub(crate) fn budget_permits(bytes: usize) -> usize {
-    bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize))
+/// A limit (of requests or bytes) as a number of semaphore permits.
+pub(crate) fn semaphore_permits(limit: usize) -> usize {
+    limit.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize))
 }
 
 /// One connection counted against its client address.

@@ -649,6 +649,54 @@ pub fn abs_image(data: &Path, rel: &str) -> PathBuf {
     p
 }
 
+/// After a restart: the backup is `interrupted`, carries no change_id, its
+/// images are gone, it is not a restore point, and nothing is running.
+pub fn assert_interrupted(d: &Daemon, id: &str, what: &str) {
+    let v = d.backup(id);
+    assert_eq!(
+        v["status"],
+        "interrupted",
+        "{what}: backup status after restart: {}",
+        pretty(&v)
+    );
+    for x in v["disks"].as_array().unwrap() {
+        assert_eq!(
+            x["status"],
+            "interrupted",
+            "{what}: disk status after restart: {}",
+            pretty(x)
+        );
+        assert!(
+            x["change_id"].is_null() || x["change_id"] == "",
+            "{what}: an interrupted disk must not carry a change_id: {}",
+            pretty(x)
+        );
+        // model.rs: Interrupted = "its images were removed".
+        if let Some(rel) = x["image"].as_str() {
+            let p = abs_image(&d.data, rel);
+            assert!(
+                !p.exists(),
+                "{what}: half-written image {} was left behind",
+                p.display()
+            );
+        }
+    }
+    // Not a restore point.
+    let r = d.post("/api/v1/restores", &json!({"backup_id": id, "disk_id": 0}));
+    assert!(
+        r.0 >= 400 && r.0 < 500,
+        "{what}: a restore of an interrupted backup must be refused, got HTTP {} {}",
+        r.0,
+        pretty(&r.1)
+    );
+    assert_error_body(&format!("{what}: restore of an interrupted backup"), &r);
+    assert!(
+        d.list("status=running").is_empty(),
+        "{what}: running backups after restart: {:?}",
+        d.list("status=running")
+    );
+}
+
 /// Assert an error answer: status `want` and a JSON body with a non-empty
 /// `error` string.
 pub fn assert_error(what: &str, r: &Reply, want: u16) {

@@ -30,7 +30,7 @@ use crate::proto::{
     self, cflag, cmd, reply_type, tflag, ContextId, Cookie, HeaderError, HeaderMode, NbdErrno,
     RequestHeader, REPLY_FLAG_DONE, STATE_ZERO,
 };
-use crate::server::{budget_permits, ExportEntry, ExportSlot, InflightGuard, Shared};
+use crate::server::{semaphore_permits, ExportEntry, ExportSlot, InflightGuard, Shared};
 
 /// Errors that end the transmission phase abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -117,10 +117,10 @@ where
         stall_timeout: cfg.stall_timeout,
     });
 
-    let max_count = budget_permits(cfg.max_inflight_requests);
+    let max_count = semaphore_permits(cfg.max_inflight_requests);
     // One request never needs more than the server-wide budget either.
     let max_bytes =
-        budget_permits(cfg.max_inflight_bytes).min(budget_permits(cfg.max_buffered_bytes));
+        semaphore_permits(cfg.max_inflight_bytes).min(semaphore_permits(cfg.max_buffered_bytes));
     let count_sem = Arc::new(Semaphore::new(max_count));
     let budget = Budget {
         own: Arc::new(Semaphore::new(max_bytes)),
